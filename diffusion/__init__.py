@@ -1,0 +1,1 @@
+"""Stage two: latent diffusion on the frozen tokenizer's latents (latent cache, UNet, training)."""

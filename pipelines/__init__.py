@@ -1,0 +1,1 @@
+"""diffusers ``DiffusionPipeline`` subclasses for sampling from a trained model, and evaluation."""

@@ -1,0 +1,47 @@
+"""Vector quantizers: ``build_quantizer("vq" | "cvq" | "looc", **options)``.
+
+Every quantizer maps z (B×C×H×W) to a :class:`QuantizerOutput` and has ``decode_indices``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from .core import Quantizer, QuantizerOutput, perplexity
+from .cvq import ANCHORS, ClusteredQuantizer
+from .looc import LooCQuantizer
+from .search import best_feature_per_code, nearest_code
+from .vq import VectorQuantizer
+
+QUANTIZERS = {"vq": VectorQuantizer, "cvq": ClusteredQuantizer, "looc": LooCQuantizer}
+
+
+def quantizer_options(kind: str) -> list[str]:
+    """The keyword options ``build_quantizer(kind, ...)`` accepts."""
+    names = []
+    for cls in QUANTIZERS[kind].__mro__:
+        if cls in (Quantizer.__mro__[1:]):
+            break
+        for p in inspect.signature(cls.__init__).parameters.values():
+            if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD:
+                if p.name != "self" and p.name not in names:
+                    names.append(p.name)
+    return names
+
+
+def build_quantizer(kind: str, **options) -> Quantizer:
+    """Build a quantizer by name. Unknown kinds or options raise a ``ValueError`` that lists what
+    is allowed."""
+    if kind not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer kind {kind!r}; choose one of {sorted(QUANTIZERS)}")
+    allowed = quantizer_options(kind)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for quantizer {kind!r}; "
+                         f"allowed: {allowed}")
+    return QUANTIZERS[kind](**options)
+
+
+__all__ = ["ANCHORS", "QUANTIZERS", "ClusteredQuantizer", "LooCQuantizer", "Quantizer",
+           "QuantizerOutput", "VectorQuantizer", "best_feature_per_code", "build_quantizer",
+           "nearest_code", "perplexity", "quantizer_options"]

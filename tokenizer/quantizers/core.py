@@ -1,0 +1,143 @@
+"""What every quantizer shares: the output, the codebook, the losses and the straight-through
+estimator, all computed in float32 whatever autocast says."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .search import DEFAULT_MAX_ELEMENTS, DISTANCES, nearest_code
+
+
+@dataclass
+class QuantizerOutput:
+    """``z_q``: quantized B×C×H×W in the input dtype, with identity (straight-through) gradient
+    to ``z``. ``loss``: codebook + beta·commitment (+ contrastive) loss, a float32 scalar.
+    ``indices``: long codes (layout per quantizer). ``counts``: hits per code in this batch on
+    this process (length K). ``perplexity``: exp of the entropy of ``counts``."""
+
+    z_q: torch.Tensor
+    loss: torch.Tensor
+    indices: torch.Tensor
+    counts: torch.Tensor
+    perplexity: torch.Tensor
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(−Σ p log p) with p = counts / Σ counts (CVQ-VAE Sec. 4.1)."""
+    p = counts.float() / counts.sum().clamp(min=1)
+    return torch.exp(-(p * torch.log(p.clamp(min=1e-10))).sum())
+
+
+def straight_through(z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+    """Value of ``z_hat``, gradient of the identity to ``z``. Written as z_hat + (z − sg[z]) rather
+    than z + sg[z_hat − z] so that the value is exactly ``z_hat`` (no rounding), which is what
+    lets ``decode_indices`` reproduce ``z_q`` bit for bit."""
+    return z_hat.detach() + (z - z.detach())
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class Quantizer(nn.Module):
+    """Base of all quantizers: a K×d codebook searched by ``distance``.
+
+    Subclasses choose how B×C×H×W maps to rows of dimension d and back (``_to_rows``,
+    ``_index_shape``, ``_assemble``) and
+    what happens to the codebook after each training step (``_update_codebook``).
+    """
+
+    def __init__(self, num_codes: int = 1024, code_dim: int = 64, beta: float = 0.25,
+                 distance: str = "l2", max_search_elements: int = DEFAULT_MAX_ELEMENTS):
+        super().__init__()
+        _check(isinstance(num_codes, int) and num_codes >= 1,
+               f"num_codes (K) must be an integer >= 1, got {num_codes!r}")
+        _check(isinstance(code_dim, int) and code_dim >= 1,
+               f"code_dim must be an integer >= 1, got {code_dim!r}")
+        _check(beta >= 0, f"beta (commitment weight) must be >= 0, got {beta!r}")
+        _check(distance in DISTANCES, f"distance must be one of {DISTANCES}, got {distance!r}")
+        _check(max_search_elements >= 1,
+               f"max_search_elements must be >= 1, got {max_search_elements!r}")
+        self.num_codes = num_codes
+        self.code_dim = code_dim
+        self.beta = beta
+        self.distance = distance
+        self.max_search_elements = max_search_elements
+        # VQ-VAE's initialisation, U(−1/K, 1/K), as in the papers' code: far from the data,
+        # which is what makes plain VQ collapse and what CVQ repairs.
+        self.codebook = nn.Parameter(torch.empty(num_codes, code_dim).uniform_(-1 / num_codes,
+                                                                               1 / num_codes))
+
+    # --- layout -------------------------------------------------------------------------------
+    def _to_rows(self, z: torch.Tensor) -> torch.Tensor:
+        """B×C×H×W → (B·H·W)×C."""
+        _check(z.dim() == 4, f"expected z of shape B×C×H×W, got shape {tuple(z.shape)}")
+        _check(z.shape[1] == self.code_dim,
+               f"z has C={z.shape[1]} channels but code_dim={self.code_dim}; set code_dim to "
+               "the encoder's embed_dim")
+        return z.permute(0, 2, 3, 1).reshape(-1, self.code_dim)
+
+    def _index_shape(self, z: torch.Tensor) -> tuple[int, ...]:
+        """B×H×W: one index per spatial position."""
+        b, _, h, w = z.shape
+        return (b, h, w)
+
+    def _assemble(self, quantized_rows: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Rows of code vectors (index layout) → B×C×H×W."""
+        b, h, w = indices.shape
+        return quantized_rows.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+    # --- training-time hooks ------------------------------------------------------------------
+    def _codebook_loss(self, rows: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        """‖sg[z] − e‖² (Eq. 3, second term): moves the codebook toward the features."""
+        return F.mse_loss(quantized, rows.detach())
+
+    def _update_codebook(self, rows: torch.Tensor, indices: torch.Tensor,
+                         counts: torch.Tensor) -> torch.Tensor | None:
+        """Non-gradient codebook update after a training step; may return an extra loss."""
+        return None
+
+    # --- public API ---------------------------------------------------------------------------
+    def search(self, rows: torch.Tensor) -> torch.Tensor:
+        return nearest_code(rows, self.codebook.detach().float(), self.distance,
+                            self.max_search_elements)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        in_dtype = z.dtype
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            zf = z.float()
+            rows = self._to_rows(zf)
+            flat_indices = self.search(rows)
+            quantized = F.embedding(flat_indices, self.codebook.float())
+            codebook_loss = self._codebook_loss(rows, quantized)
+            commitment_loss = F.mse_loss(rows, quantized.detach())
+            loss = codebook_loss + self.beta * commitment_loss
+            counts = torch.bincount(flat_indices, minlength=self.num_codes)
+            if self.training:
+                extra = self._update_codebook(rows.detach(), flat_indices, counts)
+                if extra is not None:
+                    loss = loss + extra
+            indices = flat_indices.view(self._index_shape(zf))
+            z_hat = self._assemble(quantized, indices)
+            z_q = straight_through(zf, z_hat).to(in_dtype)
+        return QuantizerOutput(z_q=z_q, loss=loss, indices=indices, counts=counts,
+                               perplexity=perplexity(counts), codebook_loss=codebook_loss,
+                               commitment_loss=commitment_loss)
+
+    @torch.no_grad()
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices (the layout ``forward`` returns) → z_q, float32, bit-identical to ``forward``'s
+        ``z_q`` for the same codebook."""
+        quantized = F.embedding(indices.reshape(-1), self.codebook.float())
+        return self._assemble(quantized, indices)
+
+    def extra_repr(self) -> str:
+        return (f"num_codes={self.num_codes}, code_dim={self.code_dim}, beta={self.beta}, "
+                f"distance={self.distance!r}")
