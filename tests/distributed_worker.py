@@ -1,0 +1,78 @@
+"""Run by tests/test_distributed.py under
+``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2``.
+
+Each rank trains a tiny encoder + quantizer (DDP) on its own, different data for many steps and
+then compares its codebook and running statistics with the other rank's. Rank 0 writes a JSON
+report to the path given as the first argument.
+"""
+
+import json
+import sys
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from tokenizer.quantizers import build_quantizer
+
+SETTINGS = {
+    "cvq-closest": ("cvq", dict(num_codes=32, code_dim=8, anchor="closest")),
+    "cvq-random": ("cvq", dict(num_codes=32, code_dim=8, anchor="random")),
+    "cvq-unique": ("cvq", dict(num_codes=32, code_dim=8, anchor="unique", distance="l2")),
+    "cvq-probabilistic": ("cvq", dict(num_codes=32, code_dim=8, anchor="probabilistic")),
+    "cvq-offline-contrastive": ("cvq", dict(num_codes=32, code_dim=8, online=False,
+                                            contrastive_weight=1.0)),
+    "looc": ("looc", dict(num_codes=16, code_dim=4)),
+    "vq-ema": ("vq", dict(num_codes=32, code_dim=8, ema=True)),
+}
+
+
+class Tiny(nn.Module):
+    def __init__(self, quantizer):
+        super().__init__()
+        self.encoder = nn.Conv2d(3, 8, 3, padding=1)
+        self.quantizer = quantizer
+        self.decoder = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        q = self.quantizer(self.encoder(x))
+        return self.decoder(q.z_q), q
+
+
+def main(out_path: str) -> None:
+    accelerator = Accelerator()
+    report = {"world_size": accelerator.num_processes}
+    for name, (kind, options) in SETTINGS.items():
+        set_seed(0)  # same initial weights and global RNG stream on both ranks
+        model = Tiny(build_quantizer(kind, **options))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        data = torch.Generator().manual_seed(1000 + accelerator.process_index)
+        local_counts = None
+        for _ in range(40):
+            # different data on each rank: a rank-specific shift and scale
+            x = torch.randn(4, 3, 8, 8, generator=data) * (1 + accelerator.process_index)
+            recon, q = model(x)
+            loss = (recon - x).pow(2).mean() + q.loss
+            optimizer.zero_grad()
+            accelerator.backward(loss)
+            optimizer.step()
+            local_counts = q.counts if local_counts is None else local_counts + q.counts
+        quantizer = accelerator.unwrap_model(model).quantizer
+        state = torch.cat([t.detach().float().flatten() for t in quantizer.state_dict().values()])
+        states = accelerator.gather(state.unsqueeze(0))
+        counts = accelerator.gather(local_counts.unsqueeze(0))
+        report[name] = {
+            "max_state_difference": (states[0] - states[1]).abs().max().item(),
+            "state_size": state.numel(),
+            "local_counts_differ": not torch.equal(counts[0], counts[1]),
+        }
+    if accelerator.is_main_process:
+        with open(out_path, "w") as f:
+            json.dump(report, f, indent=1)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
