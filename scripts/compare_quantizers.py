@@ -1,7 +1,7 @@
 """Train the small VQ-VAE on scikit-learn's digits with VQ, CVQ and LooC and print codebook usage,
 perplexity and PSNR on the held-out digits.
 
-    python scripts/compare_quantizers.py [--steps 300] [--resolution 32] [--seed 0]
+    python scripts/compare_quantizers.py [--steps 300] [--resolution 16] [--seed 0]
 """
 
 import argparse
@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps per quantizer")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--resolution", type=int, default=32, help="digits are up-sampled to this")
+    parser.add_argument("--resolution", type=int, default=16, help="digits are up-sampled to this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 
-def load_digits(resolution: int = 32, validation: int = 297) -> dict[str, torch.Tensor]:
+def load_digits(resolution: int = 16, validation: int = 297) -> dict[str, torch.Tensor]:
     """scikit-learn's digits, bilinearly up-sampled to ``resolution``, scaled to [-1, 1], as
     N×1×R×R float tensors with labels. The last ``validation`` images form the fixed validation
     split. Returns ``{"train", "train_labels", "val", "val_labels"}``."""

@@ -20,12 +20,11 @@ def quantizer_options(kind: str) -> list[str]:
     """The keyword options ``build_quantizer(kind, ...)`` accepts."""
     names = []
     for cls in QUANTIZERS[kind].__mro__:
-        if cls in (Quantizer.__mro__[1:]):
+        if not issubclass(cls, Quantizer):
             break
-        for p in inspect.signature(cls.__init__).parameters.values():
-            if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD:
-                if p.name != "self" and p.name not in names:
-                    names.append(p.name)
+        for name in inspect.signature(cls.__init__).parameters:
+            if name not in ("self", "options", "common") and name not in names:
+                names.append(name)
     return names
 
 
