@@ -1,0 +1,86 @@
+"""Nearest-code search: time and peak memory of our chunked argmax against the full-matrix
+search (argmax over the whole N×K matrix) and the official code's full sort.
+
+    python scripts/benchmark_search.py [--n 2097152] [--k 1024] [--d 4] [--device cpu]
+
+Defaults: LooC at the paper's FFHQ setting, batch 32 of 256-channel 16×16 latents up-sampled
+×2 and split into d*=4 segments: N = 32·32·32·64 = 2,097,152 vectors, K = 1024.
+Each method runs in its own process so peak memory is its own.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def run_one(method: str, n: int, k: int, d: int, device: str) -> dict:
+    import resource
+
+    from tokenizer.quantizers.search import nearest_code
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, d, generator=g, device=device)
+    codebook = torch.randn(k, d, generator=g, device=device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+
+    def search():
+        if method == "chunked argmax (ours)":
+            return nearest_code(x, codebook, "l2")
+        scores = 2 * x @ codebook.t() - codebook.pow(2).sum(1)
+        if method == "full matrix argmax":
+            return scores.argmax(1)
+        return scores.sort(dim=1).indices[:, -1]  # the official code's search
+
+    search()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(3):
+        out = search()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": (time.perf_counter() - start) / 3, "peak_bytes": peak,
+            "checksum": int(out.sum())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=2_097_152)
+    parser.add_argument("--k", type=int, default=1024)
+    parser.add_argument("--d", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", nargs="+", default=["chunked argmax (ours)",
+                                                          "full matrix argmax", "full sort"])
+    parser.add_argument("--_one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._one:
+        print(json.dumps(run_one(args._one, args.n, args.k, args.d, args.device)))
+        return
+
+    print(f"N={args.n:,} vectors of d={args.d}, K={args.k} codes, {args.device}\n")
+    print("| method | time per search | peak memory | same codes |")
+    print("|---|---|---|---|")
+    reference = None
+    for method in args.methods:
+        cmd = [sys.executable, __file__, "--n", str(args.n), "--k", str(args.k), "--d",
+               str(args.d), "--device", args.device, "--_one", method]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"| {method} | failed: {done.stderr.strip().splitlines()[-1]} | | |")
+            continue
+        r = json.loads(done.stdout)
+        reference = r["checksum"] if reference is None else reference
+        print(f"| {method} | {r['seconds']:.3f} s | {r['peak_bytes'] / 2**30:.2f} GiB "
+              f"| {'yes' if r['checksum'] == reference else 'no'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
