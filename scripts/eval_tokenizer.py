@@ -1,0 +1,72 @@
+"""Evaluate a trained tokenizer: rFID, PSNR, SSIM, LPIPS, codebook usage and perplexity.
+
+    python scripts/eval_tokenizer.py --tokenizer runs/digits_cvq/tokenizer --data digits \
+        [--part validation] [--config configs/tokenizer/digits_cvq.yaml] [--batch-size 64] \
+        [--max-images N] [--inception-weights PATH] [--no-fid] [--no-lpips] [--out report.json]
+
+The images are read and preprocessed like training data (resolution and channels from the
+tokenizer, or the whole ``data`` section of ``--config``); ``--data`` overrides its source.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+import torch
+
+from tokenizer.config import ConfigError, build_dataclass, load_yaml
+from tokenizer.data import DataConfig, build_dataset
+from tokenizer.evaluate import evaluate_tokenizer
+from tokenizer.fid import load_inception
+from tokenizer.losses import build_lpips
+from tokenizer.model import VQTokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", required=True, help="folder written by training")
+    parser.add_argument("--data", help="data source (digits, a folder, a file, a hub name)")
+    parser.add_argument("--config", help="take the data section of this training config")
+    parser.add_argument("--part", default="validation", choices=["train", "validation"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-images", type=int)
+    parser.add_argument("--inception-weights", help="torch-fidelity's Inception weights file")
+    parser.add_argument("--no-fid", action="store_true", help="skip rFID")
+    parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", help="write the report here as JSON")
+    args = parser.parse_args()
+
+    try:
+        model = VQTokenizer.from_pretrained(args.tokenizer).to(args.device)
+    except (OSError, EnvironmentError) as e:
+        sys.exit(f"--tokenizer {args.tokenizer}: not a saved tokenizer folder ({e})")
+    data = load_yaml(args.config).get("data", {}) if args.config else {}
+    data.setdefault("resolution", model.config.resolution)
+    data.setdefault("channels", model.config.in_channels)
+    if args.data:
+        data["source"] = args.data
+    try:
+        data_config = build_dataclass(DataConfig, "data", data)
+        lpips = None if args.no_lpips else build_lpips(pretrained=True).to(args.device)
+        inception = None if args.no_fid else load_inception(args.inception_weights, args.device)
+    except (ConfigError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(str(e))
+    dataset = build_dataset(data_config, args.part)
+    report = evaluate_tokenizer(model, dataset, args.batch_size, lpips=lpips,
+                                inception=inception, max_images=args.max_images)
+    report.update(tokenizer=args.tokenizer, data=asdict(data_config), part=args.part)
+    for key in ("rfid", "psnr", "ssim", "lpips", "l1", "usage", "perplexity"):
+        value = report[key]
+        shown = "skipped" if value is None else (f"{100 * value:.1f}%" if key == "usage"
+                                                 else f"{value:.4f}")
+        print(f"{key:>10}: {shown}")
+    print(f"{'images':>10}: {report['images']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

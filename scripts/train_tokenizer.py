@@ -1,0 +1,35 @@
+"""Train a VQGAN tokenizer (stage one).
+
+    accelerate launch scripts/train_tokenizer.py --config configs/tokenizer/digits_cvq.yaml \
+        [--output-dir DIR] [--resume latest|PATH] [section.key=value ...]
+
+The config is validated before anything is built; the trained tokenizer is exported to
+DIR/tokenizer (load it with ``tokenizer.VQTokenizer.from_pretrained``).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from tokenizer.config import ConfigError, apply_overrides, load_yaml
+from tokenizer.train import parse_recipe, train_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML recipe (configs/tokenizer/*.yaml)")
+    parser.add_argument("--output-dir", help="default: runs/<config name>")
+    parser.add_argument("--resume", help='"latest" or a checkpoint folder')
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    args = parser.parse_args()
+    try:
+        raw = apply_overrides(load_yaml(args.config), args.overrides)
+        recipe = parse_recipe(raw)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)
+    train_tokenizer(recipe, output_dir, resume=args.resume, raw_config=raw)
+
+
+if __name__ == "__main__":
+    main()

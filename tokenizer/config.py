@@ -1,0 +1,123 @@
+"""YAML configs: loading, dotted ``key=value`` overrides, and validation that names the bad key
+before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, of the wrong type or has an impossible value."""
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got "
+                          f"{type(data).__name__}")
+    return data
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML: ``train.lr=1e-4``,
+    ``model.ch_mult=[1,2,2]``). Unknown keys are caught later by validation."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        keys = dotted.split(".")
+        node = config
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {key!r} is not a section")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return config
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return all(_matches(v, args[0]) for v in value) if args else True
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _accepts_float(hint: Any) -> bool:
+    return hint is float or float in typing.get_args(hint)
+
+
+def check_section(section: str, given: Any, hints: dict[str, Any]) -> dict:
+    """Check that ``given`` (a mapping) only has keys of ``hints`` with values of those types.
+    Returns a copy in which numeric strings for float keys are converted (YAML reads ``1e-4``
+    without a dot as a string)."""
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ConfigError(f"section {section!r} must be a mapping, got {type(given).__name__}")
+    given = dict(given)
+    for key, value in given.items():
+        if isinstance(value, str) and key in hints and _accepts_float(hints[key]):
+            try:
+                given[key] = value = float(value)
+            except ValueError:
+                pass
+        if key not in hints:
+            raise ConfigError(f"unknown key {section}.{key}; allowed keys: {sorted(hints)}")
+        if not _matches(value, hints[key]):
+            raise ConfigError(f"{section}.{key} = {value!r} has the wrong type; expected "
+                              f"{_describe(hints[key])}")
+    return given
+
+
+def dataclass_hints(cls: type) -> dict[str, Any]:
+    return {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+
+
+def signature_hints(fn: Callable, skip: tuple[str, ...] = ("self", "return")) -> dict[str, Any]:
+    return {k: v for k, v in typing.get_type_hints(fn).items() if k not in skip}
+
+
+def build_dataclass(cls: type, section: str, given: Any):
+    """``cls(**given)`` after checking keys and types; the dataclass's own ``__post_init__``
+    checks values and its ``ValueError`` is re-raised naming the section."""
+    values = check_section(section, given, dataclass_hints(cls))
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{section}: {e}") from None
+
+
+def require(condition: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise a ConfigError naming ``key``, its ``value`` and what is ``allowed``."""
+    if not condition:
+        raise ConfigError(f"{key} = {value!r} is not allowed; {allowed}")

@@ -1,0 +1,226 @@
+"""The VQGAN autoencoder (Esser et al. 2021, the taming-transformers architecture) around any
+quantizer of ``build_quantizer``, as a diffusers model: saved as config.json + safetensors,
+loaded with ``VQTokenizer.from_pretrained``, and usable as the ``vqvae`` of diffusers'
+``LDMPipeline``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput
+from diffusers.models.autoencoders.vq_model import VQEncoderOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+
+from .quantizers import QuantizerOutput, build_quantizer
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = _norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _norm(out_channels, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.shortcut = (nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels
+                         else nn.Identity())
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions, with a residual connection."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # taming's asymmetric padding
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _level(in_ch, out_ch, blocks, attn, dropout, groups) -> nn.ModuleList:
+    layers = []
+    for _ in range(blocks):
+        layers.append(ResnetBlock(in_ch, out_ch, dropout, groups))
+        if attn:
+            layers.append(AttnBlock(out_ch, groups))
+        in_ch = out_ch
+    return nn.ModuleList(layers)
+
+
+def _mid(channels, dropout, groups) -> nn.Sequential:
+    return nn.Sequential(ResnetBlock(channels, channels, dropout, groups),
+                         AttnBlock(channels, groups),
+                         ResnetBlock(channels, channels, dropout, groups))
+
+
+class Encoder(nn.Module):
+    def __init__(self, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
+                 resolution, z_channels, groups):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.levels = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        res, in_ch = resolution, ch
+        for i, mult in enumerate(ch_mult):
+            out_ch = ch * mult
+            self.levels.append(_level(in_ch, out_ch, num_res_blocks, res in attn_resolutions,
+                                      dropout, groups))
+            last = i == len(ch_mult) - 1
+            self.downsamples.append(nn.Identity() if last else Downsample(out_ch))
+            res = res if last else res // 2
+            in_ch = out_ch
+        self.mid = _mid(in_ch, dropout, groups)
+        self.norm_out = _norm(in_ch, groups)
+        self.conv_out = nn.Conv2d(in_ch, z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level, down in zip(self.levels, self.downsamples):
+            for layer in level:
+                h = layer(h)
+            h = down(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, out_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
+                 resolution, z_channels, groups):
+        super().__init__()
+        in_ch = ch * ch_mult[-1]
+        res = resolution // 2 ** (len(ch_mult) - 1)
+        self.conv_in = nn.Conv2d(z_channels, in_ch, 3, padding=1)
+        self.mid = _mid(in_ch, dropout, groups)
+        self.levels = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(ch_mult))):
+            out_ch = ch * mult
+            self.levels.append(_level(in_ch, out_ch, num_res_blocks + 1,
+                                      res in attn_resolutions, dropout, groups))
+            self.upsamples.append(Upsample(out_ch) if i > 0 else nn.Identity())
+            res = res * 2 if i > 0 else res
+            in_ch = out_ch
+        self.norm_out = _norm(in_ch, groups)
+        self.conv_out = nn.Conv2d(in_ch, out_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level, up in zip(self.levels, self.upsamples):
+            for layer in level:
+                h = layer(h)
+            h = up(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+@dataclass
+class VQTokenizerOutput(BaseOutput):
+    """``sample``: the reconstruction; ``quantized``: the quantizer's output (loss, indices,
+    counts, perplexity)."""
+
+    sample: torch.Tensor
+    quantized: QuantizerOutput
+
+
+class VQTokenizer(ModelMixin, ConfigMixin):
+    """VQGAN encoder → ``quant_conv`` → quantizer → ``post_quant_conv`` → decoder.
+
+    Config (every key is saved in config.json):
+      in_channels, out_channels: image channels (3).
+      resolution: training image size; with ``attn_resolutions`` it decides where attention is.
+      ch, ch_mult, num_res_blocks, attn_resolutions, dropout: taming's architecture knobs; the
+        latent is ``resolution / 2**(len(ch_mult) - 1)`` on a side (f16 for 5 levels).
+      z_channels: channels of the encoder output / decoder input.
+      embed_dim: channels of the quantized latent (what stage two diffuses).
+      norm_groups: GroupNorm groups (32 as in taming; smaller for tiny models).
+      quantizer: "vq" | "cvq" | "looc"; quantizer_options: its options (``code_dim`` defaults to
+        ``embed_dim`` for vq/cvq; for looc it is d*, which must divide ``embed_dim``).
+      scaling_factor: latent scale used by diffusion pipelines (latents · scaling_factor);
+        always written explicitly (diffusers' 0.18215 default would silently ruin a VQ model).
+    """
+
+    @register_to_config
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, resolution: int = 256,
+                 ch: int = 128, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
+                 num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,),
+                 dropout: float = 0.0, z_channels: int = 256, embed_dim: int = 256,
+                 norm_groups: int = 32, quantizer: str = "cvq",
+                 quantizer_options: dict | None = None, scaling_factor: float = 1.0):
+        super().__init__()
+        arch = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
+                    attn_resolutions=tuple(attn_resolutions), dropout=dropout,
+                    resolution=resolution, z_channels=z_channels, groups=norm_groups)
+        self.encoder = Encoder(in_channels, **arch)
+        self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
+        options = dict(quantizer_options or {})
+        if quantizer == "looc":
+            options.setdefault("in_channels", embed_dim)
+        else:
+            options.setdefault("code_dim", embed_dim)
+        self.vector_quantizer = build_quantizer(quantizer, **options)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        self.decoder = Decoder(out_channels, **arch)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's last weight, where the VQGAN adaptive weight compares gradients."""
+        return self.decoder.conv_out.weight
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        """Images in [-1, 1] → pre-quantization latents (``.latents``), like ``VQModel``."""
+        h = self.quant_conv(self.encoder(x))
+        return VQEncoderOutput(latents=h) if return_dict else (h,)
+
+    def quantize(self, h: torch.Tensor) -> QuantizerOutput:
+        return self.vector_quantizer(h)
+
+    def decode(self, h: torch.Tensor, force_not_quantize: bool = False, return_dict: bool = True):
+        """Latents → images. The latents are quantized first unless ``force_not_quantize``."""
+        z = h if force_not_quantize else self.quantize(h).z_q
+        image = self.decoder(self.post_quant_conv(z))
+        return DecoderOutput(sample=image) if return_dict else (image,)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (the quantizer's layout) → images."""
+        z_q = self.vector_quantizer.decode_indices(indices).to(self.post_quant_conv.weight.dtype)
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def forward(self, x: torch.Tensor) -> VQTokenizerOutput:
+        q = self.quantize(self.encode(x).latents)
+        return VQTokenizerOutput(sample=self.decoder(self.post_quant_conv(q.z_q)), quantized=q)

@@ -1,0 +1,282 @@
+"""Stage one training: the VQGAN tokenizer with ``accelerate`` (one CPU or many GPUs).
+
+The config has four sections: ``model`` (``VQTokenizer`` arguments), ``loss`` (``LossConfig``),
+``data`` (``DataConfig``) and ``train`` (``TrainConfig`` below). ``scripts/train_tokenizer.py``
+is the command line.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from .checkpoints import checkpoint_step, resolve_resume, save_checkpoint
+from .config import ConfigError, build_dataclass, check_section, require, signature_hints
+from .data import DataConfig, build_dataset
+from .losses import LossConfig, VQGANLoss
+from .model import VQTokenizer
+
+SECTIONS = ("model", "loss", "data", "train")
+
+
+@dataclass
+class TrainConfig:
+    """``train`` section.
+
+    max_steps: optimizer steps to train for.
+    batch_size: images per process per micro-batch.
+    learning_rate: Adam learning rate for the autoencoder and the discriminator.
+    scale_lr: if true, the learning rate is multiplied by batch_size × gradient_accumulation_steps
+      × number of processes (taming-transformers' rule; its base rate is 4.5e-6).
+    adam_betas: (0.5, 0.9) as in VQGAN.
+    gradient_accumulation_steps: micro-batches per optimizer step.
+    max_grad_norm: clip the autoencoder's gradient norm to this (null: no clipping).
+    mixed_precision: "no" | "fp16" | "bf16" (the quantizer always searches in fp32).
+    seed: seeds weights, data order and every random draw; a resumed run continues the stream.
+    num_workers: DataLoader worker processes.
+    log_every: steps between logged losses (TensorBoard under output_dir/logs).
+    image_every: steps between reconstruction grids (output_dir/images/step_N.png).
+    checkpoint_every: steps between checkpoints (output_dir/checkpoints), written atomically.
+    keep_checkpoints: how many checkpoints to keep.
+    max_nonfinite_steps: a non-finite loss skips its step; this many in a row stop the run.
+    """
+
+    max_steps: int = 10000
+    batch_size: int = 8
+    learning_rate: float = 4.5e-6
+    scale_lr: bool = False
+    adam_betas: tuple[float, float] = (0.5, 0.9)
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = None
+    mixed_precision: str = "no"
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    image_every: int = 500
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5
+
+    def __post_init__(self):
+        for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every",
+                    "image_every", "checkpoint_every", "keep_checkpoints",
+                    "max_nonfinite_steps"):
+            require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
+        require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
+        require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
+                self.mixed_precision, 'choose "no", "fp16" or "bf16"')
+        require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+                "train.adam_betas", self.adam_betas, "two numbers in [0, 1)")
+        require(self.num_workers >= 0, "train.num_workers", self.num_workers, "must be >= 0")
+
+
+@dataclass
+class TokenizerRecipe:
+    model: dict
+    loss: LossConfig
+    data: DataConfig
+    train: TrainConfig
+
+
+def parse_recipe(raw: dict) -> TokenizerRecipe:
+    """Validate a whole config before anything is built: every error names its key."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; allowed sections: {list(SECTIONS)}")
+    model = check_section("model", raw.get("model"), signature_hints(VQTokenizer.__init__))
+    loss = build_dataclass(LossConfig, "loss", raw.get("loss"))
+    data = build_dataclass(DataConfig, "data", raw.get("data"))
+    train = build_dataclass(TrainConfig, "train", raw.get("train"))
+    try:  # catches impossible architectures and quantizer options, cheaply, on the meta device
+        with torch.device("meta"):
+            VQTokenizer(**model)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model: {e}") from None
+    resolution = model.get("resolution", 256)
+    require(data.resolution == resolution, "data.resolution", data.resolution,
+            f"must equal model.resolution ({resolution})")
+    if loss.disc_weight > 0 and loss.disc_start >= train.max_steps:
+        warnings.warn(f"loss.disc_start={loss.disc_start} >= train.max_steps={train.max_steps}: "
+                      "the discriminator will never be used", stacklevel=2)
+    return TokenizerRecipe(model, loss, data, train)
+
+
+class _Progress:
+    """The step counter, saved with every checkpoint."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+
+
+def _batches(dataset, cfg: TrainConfig, accelerator: Accelerator, start_step: int):
+    """Endless per-process micro-batches in a seeded per-epoch order; starting at
+    ``start_step`` skips exactly the micro-batches already consumed (no loading)."""
+    per_step = cfg.batch_size * accelerator.num_processes
+    per_epoch = len(dataset) // per_step
+    if per_epoch == 0:
+        raise ConfigError(f"train.batch_size={cfg.batch_size} × {accelerator.num_processes} "
+                          f"processes is larger than the {len(dataset)} training images")
+    done = start_step * cfg.gradient_accumulation_steps
+    epoch, skip = divmod(done, per_epoch)
+    while True:
+        # a private generator: creating a loader must not consume the global RNG stream
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(len(dataset), generator=generator)[: per_epoch * per_step]
+        mine = order.view(per_epoch, per_step)[skip:, accelerator.process_index::
+                                                    accelerator.num_processes]
+        loader = DataLoader(dataset, batch_sampler=mine.reshape(-1, cfg.batch_size).tolist(),
+                            num_workers=cfg.num_workers, generator=generator)
+        for batch in loader:
+            yield batch
+        epoch, skip = epoch + 1, 0
+
+
+def _mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], device=accelerator.device, dtype=torch.float64)
+    t = accelerator.reduce(t, reduction="mean")
+    return dict(zip(keys, t.tolist()))
+
+
+def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
+                    resume: str | None = None, raw_config: dict | None = None) -> Path:
+    """Train, checkpoint, and export ``output_dir/tokenizer``; returns that folder."""
+    cfg = recipe.train
+    output_dir = Path(output_dir)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              log_with="tensorboard", project_dir=str(output_dir))
+    set_seed(cfg.seed)
+    train_set = build_dataset(recipe.data, "train")
+    val_set = build_dataset(recipe.data, "validation")
+
+    model = VQTokenizer(**recipe.model)
+    loss_fn = VQGANLoss(recipe.loss).to(accelerator.device)
+    lr = cfg.learning_rate
+    if cfg.scale_lr:
+        lr *= cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    opt_g = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(cfg.adam_betas))
+    model, opt_g = accelerator.prepare(model, opt_g)
+    opt_d = None
+    if loss_fn.discriminator is not None:
+        opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=lr,
+                                 betas=tuple(cfg.adam_betas))
+        loss_fn.discriminator, opt_d = accelerator.prepare(loss_fn.discriminator, opt_d)
+    trained = [model] if opt_d is None else [model, loss_fn.discriminator]
+    progress = _Progress()
+    accelerator.register_for_checkpointing(progress)
+
+    checkpoints = output_dir / "checkpoints"
+    start = resolve_resume(resume, checkpoints)
+    if start is not None:
+        accelerator.load_state(str(start))
+        accelerator.print(f"resumed from {start} at step {checkpoint_step(start)}")
+    elif resume:
+        accelerator.print(f"--resume {resume}: no checkpoint in {checkpoints}, starting fresh")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(raw_config or {
+            "model": recipe.model, "loss": asdict(recipe.loss), "data": asdict(recipe.data),
+            "train": asdict(cfg)}, sort_keys=False))
+    accelerator.init_trackers("logs")
+
+    unwrapped = accelerator.unwrap_model(model)
+    fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
+    batches = _batches(train_set, cfg, accelerator, progress.step)
+    bar = tqdm(total=cfg.max_steps, initial=progress.step,
+               disable=not accelerator.is_local_main_process, desc="tokenizer")
+    nonfinite = 0
+    while progress.step < cfg.max_steps:
+        step = progress.step
+        for _ in range(cfg.gradient_accumulation_steps):
+            x = next(batches)["pixel_values"].to(accelerator.device)
+            with accelerator.accumulate(*trained):
+                out = model(x)
+                with accelerator.autocast():
+                    g_loss, logs = loss_fn.generator_loss(x, out.sample, out.quantized.loss,
+                                                          unwrapped.last_layer, step)
+                # every process must agree to skip, or the collectives would deadlock
+                finite = accelerator.reduce(torch.isfinite(g_loss).float(), reduction="min")
+                if finite.item() < 1:
+                    break
+                accelerator.backward(g_loss)
+                if cfg.max_grad_norm is not None and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                opt_g.step()
+                opt_g.zero_grad(set_to_none=True)
+                if opt_d is not None and loss_fn.disc_active(step):
+                    with accelerator.autocast():
+                        d_loss, d_logs = loss_fn.discriminator_loss(x, out.sample.detach(), step)
+                    accelerator.backward(d_loss)
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+                    logs.update(d_logs)
+        if finite.item() < 1:
+            nonfinite += 1
+            accelerator.print(f"step {step}: non-finite loss, step skipped "
+                              f"({nonfinite} in a row)")
+            if nonfinite >= cfg.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{nonfinite} non-finite losses in a row at step {step}; the last good "
+                    f"checkpoint is in {checkpoints}. Try a lower train.learning_rate, "
+                    "train.mixed_precision: bf16 instead of fp16, or fp32 (\"no\").")
+            continue
+        nonfinite = 0
+        progress.step += 1
+        bar.update(1)
+
+        if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
+            counts = accelerator.reduce(out.quantized.counts.float(), reduction="sum")
+            p = counts / counts.sum()
+            logs["usage"] = (counts > 0).float().mean().item()
+            logs["perplexity"] = torch.exp(-(p * p.clamp(min=1e-10).log()).sum()).item()
+            logs = _mean_over_processes(accelerator, logs)
+            accelerator.log(logs, step=progress.step)
+            bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("total", "nll", "usage", "perplexity")
+                             if k in logs})
+        if accelerator.is_main_process and (progress.step % cfg.image_every == 0
+                                            or progress.step == cfg.max_steps):
+            _save_grid(unwrapped, fixed, output_dir / "images" / f"step_{progress.step:08d}.png")
+        if progress.step % cfg.checkpoint_every == 0 or progress.step == cfg.max_steps:
+            save_checkpoint(accelerator, checkpoints, progress.step, cfg.keep_checkpoints)
+    bar.close()
+
+    export = output_dir / "tokenizer"
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(export)
+        skipped = getattr(train_set, "skipped", []) + getattr(val_set, "skipped", [])
+        if skipped:
+            accelerator.print(f"{len(skipped)} unreadable file(s) were skipped, e.g. "
+                              f"{skipped[:3]}")
+        accelerator.print(f"tokenizer exported to {export}")
+    accelerator.end_training()
+    return export
+
+
+@torch.no_grad()
+def _save_grid(model: VQTokenizer, images: torch.Tensor, path: Path) -> None:
+    """Originals (top row) over reconstructions (bottom row)."""
+    was_training = model.training
+    model.eval()
+    images = images.to(model.device)
+    recon = model(images).sample
+    model.train(was_training)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = torch.cat([images, recon.to(images.dtype)]).clamp(-1, 1) * 0.5 + 0.5
+    save_image(grid, path, nrow=len(images))
