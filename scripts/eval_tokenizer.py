@@ -4,14 +4,16 @@
         [--part validation] [--config configs/tokenizer/digits_cvq.yaml] [--batch-size 64] \
         [--max-images N] [--inception-weights PATH] [--no-fid] [--no-lpips] [--out report.json]
 
-The images are read and preprocessed like training data (resolution and channels from the
-tokenizer, or the whole ``data`` section of ``--config``); ``--data`` overrides its source.
+The images are read and preprocessed like training data: the ``data`` section of ``--config``,
+by default the config the run saved beside the tokenizer (``DIR/../config.yaml``), else
+resolution and channels from the tokenizer; ``--data`` overrides the source.
 """
 
 import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -27,7 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", required=True, help="folder written by training")
     parser.add_argument("--data", help="data source (digits, a folder, a file, a hub name)")
-    parser.add_argument("--config", help="take the data section of this training config")
+    parser.add_argument("--config", help="take the data section of this training config "
+                        "(default: the one saved by the run, if any)")
     parser.add_argument("--part", default="validation", choices=["train", "validation"])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-images", type=int)
@@ -42,7 +45,13 @@ def main() -> None:
         model = VQTokenizer.from_pretrained(args.tokenizer).to(args.device)
     except (OSError, EnvironmentError) as e:
         sys.exit(f"--tokenizer {args.tokenizer}: not a saved tokenizer folder ({e})")
-    data = load_yaml(args.config).get("data", {}) if args.config else {}
+    saved = Path(args.tokenizer).parent / "config.yaml"
+    try:
+        config = load_yaml(args.config) if args.config else (
+            load_yaml(saved) if saved.is_file() else {})
+    except ConfigError as e:
+        sys.exit(f"--config: {e}")
+    data = dict(config.get("data") or {})
     data.setdefault("resolution", model.config.resolution)
     data.setdefault("channels", model.config.in_channels)
     if args.data:

@@ -347,3 +347,16 @@ def test_config_accepts_dataclass_and_parses_numeric_strings():
     loss = VQGANLoss(cfg, lpips_pretrained=False)
     assert loss.config is cfg and isinstance(loss.discriminator, PatchDiscriminator)
     assert LossConfig.from_dict({}) == LossConfig()
+
+
+def test_generator_step_leaves_discriminator_gradients_alone():
+    torch.manual_seed(0)
+    loss = VQGANLoss({"perceptual_weight": 0.0, "disc_start": 0, "disc_channels": 8,
+                      "disc_layers": 1}, lpips_pretrained=False)
+    decoder = torch.nn.Conv2d(3, 3, 3, padding=1)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon = decoder(x)
+    total, _ = loss.generator_loss(x, recon, torch.zeros(()), decoder.weight, step=0)
+    total.backward()
+    assert decoder.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in loss.discriminator.parameters())

@@ -105,6 +105,12 @@ def parse_recipe(raw: dict) -> TokenizerRecipe:
     resolution = model.get("resolution", 256)
     require(data.resolution == resolution, "data.resolution", data.resolution,
             f"must equal model.resolution ({resolution})")
+    in_channels, out_channels = model.get("in_channels", 3), model.get("out_channels", 3)
+    require(data.channels == in_channels, "data.channels", data.channels,
+            f"must equal model.in_channels ({in_channels})")
+    require(loss.disc_weight == 0 or loss.disc_in_channels == out_channels,
+            "loss.disc_in_channels", loss.disc_in_channels,
+            f"must equal model.out_channels ({out_channels})")
     if loss.disc_weight > 0 and loss.disc_start >= train.max_steps:
         warnings.warn(f"loss.disc_start={loss.disc_start} >= train.max_steps={train.max_steps}: "
                       "the discriminator will never be used", stacklevel=2)
@@ -260,7 +266,7 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
     export = output_dir / "tokenizer"
     if accelerator.is_main_process:
         unwrapped.save_pretrained(export)
-        skipped = getattr(train_set, "skipped", []) + getattr(val_set, "skipped", [])
+        skipped = sorted(set(train_set.skipped) | set(val_set.skipped))
         if skipped:
             accelerator.print(f"{len(skipped)} unreadable file(s) were skipped, e.g. "
                               f"{skipped[:3]}")

@@ -1,0 +1,212 @@
+"""The tokenizer training script end to end on the CPU: tiny models, real code paths."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from launch import ROOT, launch_two_processes
+from tokenizer import VQTokenizer
+from tokenizer.config import ConfigError
+from tokenizer.losses import VQGANLoss
+from tokenizer.train import parse_recipe
+
+TINY = {
+    "model": {"resolution": 16, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
+              "attn_resolutions": [], "z_channels": 8, "embed_dim": 8, "norm_groups": 4,
+              "quantizer": "cvq", "quantizer_options": {"num_codes": 16}},
+    "loss": {"perceptual_weight": 0.0, "disc_weight": 0.5, "disc_start": 4, "disc_layers": 1,
+             "disc_channels": 8},
+    "data": {"source": "digits", "resolution": 16, "validation_size": 97},
+    "train": {"max_steps": 6, "batch_size": 8, "learning_rate": 1e-3, "log_every": 2,
+              "image_every": 3, "checkpoint_every": 2, "keep_checkpoints": 3},
+}
+
+
+def write_config(path: Path, **changes) -> Path:
+    config = json.loads(json.dumps(TINY))
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        config[section][key] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def train(config: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "scripts/train_tokenizer.py", "--config", str(config),
+                           "--output-dir", str(out), *extra], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One uninterrupted 6-step run with checkpoints at 2, 4 and 6."""
+    tmp = tmp_path_factory.mktemp("run")
+    config = write_config(tmp / "tiny.yaml")
+    train(config, tmp / "run")
+    return config, tmp / "run"
+
+
+def test_run_exports_a_tokenizer_that_reloads_identically(trained):
+    _, run = trained
+    assert (run / "tokenizer" / "config.json").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_00000002", "step_00000004", "step_00000006"]
+    assert (run / "images" / "step_00000003.png").is_file()
+    assert list((run / "logs").rglob("events.out.tfevents*")), "TensorBoard logs"
+    model = VQTokenizer.from_pretrained(run / "tokenizer").eval()
+    again = VQTokenizer.from_pretrained(run / "tokenizer").eval()
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    assert torch.equal(model(x).sample, again(x).sample)
+    saved = load_file(run / "checkpoints" / "step_00000006" / "model.safetensors")
+    assert torch.equal(saved["vector_quantizer.codebook"], model.vector_quantizer.codebook)
+
+
+def test_resume_continues_at_the_saved_step_with_the_same_state(trained, tmp_path):
+    config, run = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run / "checkpoints" / "step_00000002",
+                    resumed / "checkpoints" / "step_00000002")
+    # a checkpoint killed mid-write is never picked
+    (resumed / "checkpoints" / "step_00000004.partial").mkdir()
+    done = train(config, resumed, "--resume", "latest")
+    assert "at step 2" in done.stdout + done.stderr
+    a = load_file(run / "tokenizer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "tokenizer" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_discriminator_untouched_before_disc_start(trained):
+    config, run = trained
+    recipe = parse_recipe(yaml.safe_load(config.read_text()))
+    torch.manual_seed(recipe.train.seed)  # the construction order of train_tokenizer
+    VQTokenizer(**recipe.model)
+    initial = VQGANLoss(recipe.loss).discriminator.state_dict()
+    at_start = load_file(run / "checkpoints" / "step_00000004" / "model_1.safetensors")
+    after = load_file(run / "checkpoints" / "step_00000006" / "model_1.safetensors")
+    assert at_start.keys() == initial.keys()
+    for key in initial:  # parameters and BatchNorm buffers alike
+        assert torch.equal(at_start[key], initial[key]), key
+    assert any(not torch.equal(after[k], initial[k]) for k in initial), "D trains after start"
+
+
+def test_eval_script_reports_metrics(trained, tmp_path):
+    _, run = trained
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "scripts/eval_tokenizer.py", "--tokenizer",
+                           str(run / "tokenizer"), "--data", "digits", "--no-fid", "--no-lpips",
+                           "--max-images", "50", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["images"] == 50
+    assert 0 < report["usage"] <= 1 and 1 <= report["perplexity"] <= 16
+    assert 0 < report["psnr"] < 60 and -1 <= report["ssim"] <= 1
+    assert report["rfid"] is None and report["lpips"] is None
+    assert "usage" in done.stdout
+
+
+def test_eval_script_without_inception_weights_says_what_to_do(trained, tmp_path):
+    _, run = trained
+    done = subprocess.run([sys.executable, "scripts/eval_tokenizer.py", "--tokenizer",
+                           str(run / "tokenizer"), "--data", "digits", "--no-lpips"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "TORCH_HOME": str(tmp_path)})
+    assert done.returncode != 0
+    assert "weights-inception-2015-12-05-6726825d.pth" in done.stderr
+    assert "--inception-weights" in done.stderr and str(tmp_path) in done.stderr
+
+
+def test_corrupt_files_are_skipped_and_counted(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image")
+    config = write_config(tmp_path / "c.yaml", data__source=str(folder), data__validation_size=4,
+                          train__max_steps=2, train__batch_size=4)
+    done = train(config, tmp_path / "run")
+    output = done.stdout + done.stderr
+    assert "empty.png" in output and "notes.png" in output  # each named in a warning
+    assert "2 unreadable file(s)" in output
+
+
+def test_two_process_training_runs_and_exports(tmp_path):
+    config = write_config(tmp_path / "c.yaml", train__max_steps=4, train__batch_size=4)
+    launch_two_processes(ROOT / "scripts" / "train_tokenizer.py", "--config", str(config),
+                         "--output-dir", str(tmp_path / "run"), port=29541)
+    assert (tmp_path / "run" / "tokenizer" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+BAD = [
+    ({"modle": {}}, "unknown section"),
+    ({"model": {"chanels": 3}}, "model.chanels"),
+    ({"model": {"ch": "wide"}}, "model.ch"),
+    ({"model": {"quantizer": "rvq"}}, "rvq"),
+    ({"model": {"quantizer_options": {"num_codes": 0}}}, "num_codes"),
+    ({"model": {"quantizer_options": {"anchor": "nearest"}}}, "nearest"),
+    ({"model": {"quantizer": "looc", "quantizer_options": {"code_dim": 3}}}, r"C=8.*d\*=3"),
+    ({"model": {"quantizer": "looc", "quantizer_options": {"code_dim": 4, "interp_scale": 0}}},
+     "interp_scale"),
+    ({"loss": {"disc_loss": "wasserstein"}}, "disc_loss"),
+    ({"loss": {"perceptual_weight": -1.0}}, "perceptual_weight"),
+    ({"data": {"resolution": 32}}, "data.resolution"),
+    ({"data": {"crop": "middle"}}, "crop"),
+    ({"data": {"channels": 1}}, "data.channels"),
+    ({"loss": {"disc_in_channels": 1}}, "loss.disc_in_channels"),
+    ({"train": {"max_steps": 0}}, "train.max_steps"),
+    ({"train": {"batch_size": -4}}, "train.batch_size"),
+    ({"train": {"mixed_precision": "fp8"}}, "mixed_precision"),
+    ({"train": {"lr": 1e-4}}, "train.lr"),
+]
+
+
+@pytest.mark.parametrize("change, message", BAD)
+def test_bad_configs_fail_fast_naming_the_key(change, message):
+    config = json.loads(json.dumps(TINY))
+    for section, values in change.items():
+        config.setdefault(section, {}).update(values)
+    with pytest.raises(ConfigError, match=message):
+        parse_recipe(config)
+
+
+def test_disc_start_beyond_max_steps_warns():
+    config = json.loads(json.dumps(TINY))
+    config["loss"]["disc_start"] = 100
+    with pytest.warns(UserWarning, match="disc_start"):
+        parse_recipe(config)
+
+
+def test_script_reports_config_errors_in_one_line(tmp_path):
+    config = write_config(tmp_path / "c.yaml")
+    done = subprocess.run([sys.executable, "scripts/train_tokenizer.py", "--config", str(config),
+                           "train.max_stpes=5"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert "config error: unknown key train.max_stpes" in done.stderr
+    assert not (ROOT / "runs" / "c").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "tokenizer").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recipe = parse_recipe(yaml.safe_load(path.read_text()))
+    assert recipe.train.max_steps > recipe.train.log_every
