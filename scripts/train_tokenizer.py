@@ -28,7 +28,10 @@ def main() -> None:
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)
-    train_tokenizer(recipe, output_dir, resume=args.resume, raw_config=raw)
+    try:
+        train_tokenizer(recipe, output_dir, resume=args.resume, raw_config=raw)
+    except (ConfigError, FileNotFoundError, ImportError) as e:  # missing weights, data, extras
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The tokenizer training script end to end on the CPU: tiny models, real code paths."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -123,7 +124,7 @@ def test_eval_script_without_inception_weights_says_what_to_do(trained, tmp_path
     done = subprocess.run([sys.executable, "scripts/eval_tokenizer.py", "--tokenizer",
                            str(run / "tokenizer"), "--data", "digits", "--no-lpips"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "TORCH_HOME": str(tmp_path)})
+                          env={**os.environ, "TORCH_HOME": str(tmp_path)})
     assert done.returncode != 0
     assert "weights-inception-2015-12-05-6726825d.pth" in done.stderr
     assert "--inception-weights" in done.stderr and str(tmp_path) in done.stderr
@@ -190,6 +191,27 @@ def test_disc_start_beyond_max_steps_warns():
     config["loss"]["disc_start"] = 100
     with pytest.warns(UserWarning, match="disc_start"):
         parse_recipe(config)
+
+
+def test_missing_vgg_weights_stop_before_training(tmp_path):
+    config = write_config(tmp_path / "c.yaml", loss__perceptual_weight=1.0)
+    done = subprocess.run([sys.executable, "scripts/train_tokenizer.py", "--config", str(config),
+                           "--output-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "TORCH_HOME": str(tmp_path / "torch")})
+    assert done.returncode != 0
+    assert "vgg16-397923af.pth" in done.stderr and "perceptual_weight: 0" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_benchmark_script_prints_a_table():
+    done = subprocess.run([sys.executable, "scripts/benchmark_tokenizer.py", "--config",
+                           "configs/tokenizer/digits_cvq.yaml", "--batch-size", "2", "--steps",
+                           "1", "--warmup", "1", "--precision", "fp32"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "images/s" in done.stdout and "| configs/tokenizer/digits_cvq.yaml | cpu | 2 |" in done.stdout
 
 
 def test_script_reports_config_errors_in_one_line(tmp_path):

@@ -169,11 +169,10 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with="tensorboard", project_dir=str(output_dir))
     set_seed(cfg.seed)
+    model = VQTokenizer(**recipe.model)
+    loss_fn = VQGANLoss(recipe.loss).to(accelerator.device)  # fails fast without VGG weights
     train_set = build_dataset(recipe.data, "train")
     val_set = build_dataset(recipe.data, "validation")
-
-    model = VQTokenizer(**recipe.model)
-    loss_fn = VQGANLoss(recipe.loss).to(accelerator.device)
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
