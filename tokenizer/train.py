@@ -7,7 +7,6 @@ is the command line.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,11 +15,11 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from .checkpoints import checkpoint_step, resolve_resume, save_checkpoint
+from .loop import Progress, all_finite, mean_over_processes, seeded_batches
 from .config import ConfigError, build_dataclass, check_section, require, signature_hints
 from .data import DataConfig, build_dataset
 from .losses import LossConfig, VQGANLoss
@@ -117,49 +116,6 @@ def parse_recipe(raw: dict) -> TokenizerRecipe:
     return TokenizerRecipe(model, loss, data, train)
 
 
-class _Progress:
-    """The step counter, saved with every checkpoint."""
-
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, state):
-        self.step = int(state["step"])
-
-
-def _batches(dataset, cfg: TrainConfig, accelerator: Accelerator, start_step: int):
-    """Endless per-process micro-batches in a seeded per-epoch order; starting at
-    ``start_step`` skips exactly the micro-batches already consumed (no loading)."""
-    per_step = cfg.batch_size * accelerator.num_processes
-    per_epoch = len(dataset) // per_step
-    if per_epoch == 0:
-        raise ConfigError(f"train.batch_size={cfg.batch_size} × {accelerator.num_processes} "
-                          f"processes is larger than the {len(dataset)} training images")
-    done = start_step * cfg.gradient_accumulation_steps
-    epoch, skip = divmod(done, per_epoch)
-    while True:
-        # a private generator: creating a loader must not consume the global RNG stream
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        order = torch.randperm(len(dataset), generator=generator)[: per_epoch * per_step]
-        mine = order.view(per_epoch, per_step)[skip:, accelerator.process_index::
-                                                    accelerator.num_processes]
-        loader = DataLoader(dataset, batch_sampler=mine.reshape(-1, cfg.batch_size).tolist(),
-                            num_workers=cfg.num_workers, generator=generator)
-        for batch in loader:
-            yield batch
-        epoch, skip = epoch + 1, 0
-
-
-def _mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict:
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], device=accelerator.device, dtype=torch.float64)
-    t = accelerator.reduce(t, reduction="mean")
-    return dict(zip(keys, t.tolist()))
-
-
 def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
                     resume: str | None = None, raw_config: dict | None = None) -> Path:
     """Train, checkpoint, and export ``output_dir/tokenizer``; returns that folder."""
@@ -184,7 +140,7 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
                                  betas=tuple(cfg.adam_betas))
         loss_fn.discriminator, opt_d = accelerator.prepare(loss_fn.discriminator, opt_d)
     trained = [model] if opt_d is None else [model, loss_fn.discriminator]
-    progress = _Progress()
+    progress = Progress()
     accelerator.register_for_checkpointing(progress)
 
     checkpoints = output_dir / "checkpoints"
@@ -203,7 +159,8 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
 
     unwrapped = accelerator.unwrap_model(model)
     fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
-    batches = _batches(train_set, cfg, accelerator, progress.step)
+    batches = seeded_batches(train_set, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
+                             cfg.num_workers, accelerator, progress.step)
     bar = tqdm(total=cfg.max_steps, initial=progress.step,
                disable=not accelerator.is_local_main_process, desc="tokenizer")
     nonfinite = 0
@@ -216,9 +173,8 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
                 with accelerator.autocast():
                     g_loss, logs = loss_fn.generator_loss(x, out.sample, out.quantized.loss,
                                                           unwrapped.last_layer, step)
-                # every process must agree to skip, or the collectives would deadlock
-                finite = accelerator.reduce(torch.isfinite(g_loss).float(), reduction="min")
-                if finite.item() < 1:
+                finite = all_finite(accelerator, g_loss)
+                if not finite:
                     break
                 accelerator.backward(g_loss)
                 if cfg.max_grad_norm is not None and accelerator.sync_gradients:
@@ -232,7 +188,7 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
                     opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
                     logs.update(d_logs)
-        if finite.item() < 1:
+        if not finite:
             nonfinite += 1
             accelerator.print(f"step {step}: non-finite loss, step skipped "
                               f"({nonfinite} in a row)")
@@ -251,7 +207,7 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
             p = counts / counts.sum()
             logs["usage"] = (counts > 0).float().mean().item()
             logs["perplexity"] = torch.exp(-(p * p.clamp(min=1e-10).log()).sum()).item()
-            logs = _mean_over_processes(accelerator, logs)
+            logs = mean_over_processes(accelerator, logs)
             accelerator.log(logs, step=progress.step)
             bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("total", "nll", "usage", "perplexity")
                              if k in logs})
