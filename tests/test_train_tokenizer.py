@@ -150,7 +150,7 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path):
 def test_two_process_training_runs_and_exports(tmp_path):
     config = write_config(tmp_path / "c.yaml", train__max_steps=4, train__batch_size=4)
     launch_two_processes(ROOT / "scripts" / "train_tokenizer.py", "--config", str(config),
-                         "--output-dir", str(tmp_path / "run"), port=29541)
+                         "--output-dir", str(tmp_path / "run"), port=29547)
     assert (tmp_path / "run" / "tokenizer" / "diffusion_pytorch_model.safetensors").is_file()
 
 

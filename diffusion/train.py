@@ -1,0 +1,311 @@
+"""Stage two training: latent diffusion on the frozen tokenizer's latents, with ``accelerate``.
+
+The config has four sections: ``unet`` (``UNetConfig``), ``data`` (``DataConfig``, the images
+to encode), ``cache`` (``CacheConfig``) and ``train`` (``DiffusionTrainConfig``).
+``scripts/train_diffusion.py`` is the command line.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from pipelines import ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline
+from pipelines import default_scheduler
+from tokenizer import VQTokenizer
+from tokenizer.checkpoints import checkpoint_step, resolve_resume, save_checkpoint
+from tokenizer.config import ConfigError, build_dataclass, require
+from tokenizer.data import DataConfig
+from tokenizer.loop import Progress, all_finite, mean_over_processes, seeded_batches
+
+from .latent_cache import build_latent_cache, measure_scaling_factor
+from .unet import UNetConfig, build_unet, training_scheduler
+
+SECTIONS = ("unet", "data", "cache", "train")
+
+
+@dataclass
+class CacheConfig:
+    """``cache`` section.
+
+    dir: where the encoded latents go (default: OUTPUT_DIR/latents). A cache built for another
+      tokenizer or data config is refused, never reused.
+    quantized: cache the quantized latents z_q (default) or, if false, the pre-quantization
+      latents (LDM's original choice).
+    flips: also cache every image's horizontal flip.
+    batch_size: images per encoding batch.
+    shard_size: latents per safetensors shard.
+    """
+
+    dir: str | None = None
+    quantized: bool = True
+    flips: bool = False
+    batch_size: int = 64
+    shard_size: int = 4096
+
+    def __post_init__(self):
+        require(self.batch_size >= 1, "cache.batch_size", self.batch_size, "must be >= 1")
+        require(self.shard_size >= 1, "cache.shard_size", self.shard_size, "must be >= 1")
+
+
+@dataclass
+class DiffusionTrainConfig:
+    """``train`` section.
+
+    max_steps, batch_size (latents per process per micro-batch), gradient_accumulation_steps,
+    mixed_precision ("no" | "fp16" | "bf16"), seed, num_workers: as for the tokenizer.
+    learning_rate: AdamW learning rate after warm-up; scale_lr multiplies it by batch_size ×
+      gradient_accumulation_steps × processes (LDM's rule).
+    adam_betas, weight_decay: AdamW settings.
+    warmup_steps: linear learning-rate warm-up.
+    max_grad_norm: gradient clipping (null: none).
+    ema_decay: decay of the UNet's EMA (0.9999), reached through EMA warm-up
+      1 − (1 + step)^−ema_power; the exported pipeline uses the EMA weights.
+    ema_power: EMA warm-up power (2/3 for long runs, 3/4 for short ones).
+    label_dropout: probability of replacing a class label by the null class (class-conditional
+      models only), which trains the unconditional branch of classifier-free guidance.
+    log_every, checkpoint_every, keep_checkpoints, max_nonfinite_steps: as for the tokenizer.
+    sample_every: steps between sample grids from the EMA weights (OUTPUT_DIR/images).
+    sample_steps: DDIM steps for those grids.
+    sample_guidance: guidance scale for the grids of class-conditional models.
+    """
+
+    max_steps: int = 100000
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    max_grad_norm: float | None = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    ema_decay: float = 0.9999
+    ema_power: float = 0.75
+    label_dropout: float = 0.1
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 50
+    sample_every: int = 5000
+    sample_steps: int = 50
+    sample_guidance: float = 3.0
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5
+
+    def __post_init__(self):
+        for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every",
+                    "sample_every", "sample_steps", "checkpoint_every", "keep_checkpoints",
+                    "max_nonfinite_steps"):
+            require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
+        require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
+        require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        require(0 < self.ema_decay < 1, "train.ema_decay", self.ema_decay, "must be in (0, 1)")
+        require(0 <= self.label_dropout < 1, "train.label_dropout", self.label_dropout,
+                "must be in [0, 1)")
+        require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
+                self.mixed_precision, 'choose "no", "fp16" or "bf16"')
+        require(self.sample_guidance >= 1, "train.sample_guidance", self.sample_guidance,
+                "must be >= 1")
+
+
+@dataclass
+class DiffusionRecipe:
+    unet: UNetConfig
+    data: DataConfig
+    cache: CacheConfig
+    train: DiffusionTrainConfig
+
+
+def parse_recipe(raw: dict) -> DiffusionRecipe:
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; allowed sections: {list(SECTIONS)}")
+    return DiffusionRecipe(build_dataclass(UNetConfig, "unet", raw.get("unet")),
+                           build_dataclass(DataConfig, "data", raw.get("data")),
+                           build_dataclass(CacheConfig, "cache", raw.get("cache")),
+                           build_dataclass(DiffusionTrainConfig, "train", raw.get("train")))
+
+
+def load_tokenizer(path: str | Path) -> VQTokenizer:
+    """The frozen tokenizer of stage one, with a clear error for a folder that is not one."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        hint = " (did you mean its tokenizer/ sub-folder?)" if (path / "tokenizer").is_dir() else ""
+        raise ConfigError(f"--tokenizer {path}: not a saved tokenizer folder (no config.json)"
+                          f"{hint}; pass the DIR/tokenizer folder written by train_tokenizer.py")
+    tokenizer = VQTokenizer.from_pretrained(path)
+    return tokenizer.eval().requires_grad_(False)
+
+
+def check_compatible(recipe: DiffusionRecipe, tokenizer: VQTokenizer) -> None:
+    """The data must be read as the tokenizer was trained."""
+    require(recipe.data.resolution == tokenizer.config.resolution, "data.resolution",
+            recipe.data.resolution, f"must equal the tokenizer's resolution "
+            f"({tokenizer.config.resolution})")
+    require(recipe.data.channels == tokenizer.config.in_channels, "data.channels",
+            recipe.data.channels, f"must equal the tokenizer's in_channels "
+            f"({tokenizer.config.in_channels})")
+
+
+def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_dir: str | Path,
+                    resume: str | None = None, raw_config: dict | None = None) -> Path:
+    """Encode the data once, train the UNet, checkpoint, and export ``output_dir/pipeline``."""
+    cfg = recipe.train
+    output_dir = Path(output_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    check_compatible(recipe, tokenizer)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              log_with="tensorboard", project_dir=str(output_dir))
+    set_seed(cfg.seed)
+    tokenizer.to(accelerator.device)
+
+    cache = build_latent_cache(tokenizer, recipe.data, recipe.cache.dir or output_dir / "latents",
+                               quantized=recipe.cache.quantized, flips=recipe.cache.flips,
+                               batch_size=recipe.cache.batch_size,
+                               shard_size=recipe.cache.shard_size, accelerator=accelerator)
+    scale = measure_scaling_factor(cache)
+    tokenizer.register_to_config(scaling_factor=float(scale))  # exported with the pipeline
+    num_classes = recipe.unet.num_classes
+    if num_classes:
+        labels = cache.labels
+        require(labels.min() >= 0 and labels.max() < num_classes, "unet.num_classes",
+                num_classes, f"the data's labels span {labels.min()}..{labels.max()} "
+                "(a class-conditional model needs every item labelled in [0, num_classes))")
+    channels, side = cache.metadata["latent_shape"][0], cache.metadata["latent_shape"][-1]
+    unet = build_unet(recipe.unet, channels, side)
+    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True,
+                   power=cfg.ema_power, model_cls=type(unet), model_config=unet.config)
+    lr = cfg.learning_rate
+    if cfg.scale_lr:
+        lr *= cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, betas=tuple(cfg.adam_betas),
+                                  weight_decay=cfg.weight_decay)
+    lr_schedule = get_scheduler("constant_with_warmup", optimizer,
+                                num_warmup_steps=cfg.warmup_steps * accelerator.num_processes)
+    unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
+    ema.to(accelerator.device)
+    progress = Progress()
+    accelerator.register_for_checkpointing(progress, ema)
+
+    checkpoints = output_dir / "checkpoints"
+    start = resolve_resume(resume, checkpoints)
+    if start is not None:
+        accelerator.load_state(str(start))
+        accelerator.print(f"resumed from {start} at step {checkpoint_step(start)}")
+    elif resume:
+        accelerator.print(f"--resume {resume}: no checkpoint in {checkpoints}, starting fresh")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(raw_config or {
+            k: asdict(getattr(recipe, k)) for k in SECTIONS}, sort_keys=False))
+    accelerator.init_trackers("logs")
+
+    noise_schedule = training_scheduler()
+    batches = seeded_batches(cache, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
+                             cfg.num_workers, accelerator, progress.step)
+    bar = tqdm(total=cfg.max_steps, initial=progress.step,
+               disable=not accelerator.is_local_main_process, desc="diffusion")
+    nonfinite = 0
+    while progress.step < cfg.max_steps:
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = next(batches)
+            latents = batch["latents"].to(accelerator.device) * scale
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(latents),),
+                              device=latents.device)
+            noisy = noise_schedule.add_noise(latents, noise, t)
+            labels = None
+            if num_classes:  # label dropout trains the null class (classifier-free guidance)
+                labels = batch["label"].to(accelerator.device)
+                drop = torch.rand(len(labels), device=labels.device) < cfg.label_dropout
+                labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+            with accelerator.accumulate(unet):
+                prediction = unet(noisy, t, class_labels=labels).sample
+                loss = F.mse_loss(prediction.float(), noise.float())
+                finite = all_finite(accelerator, loss)
+                if not finite:
+                    break
+                accelerator.backward(loss)
+                if cfg.max_grad_norm is not None and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            nonfinite += 1
+            accelerator.print(f"step {progress.step}: non-finite loss, step skipped "
+                              f"({nonfinite} in a row)")
+            if nonfinite >= cfg.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{nonfinite} non-finite losses in a row at step {progress.step}; the last "
+                    f"good checkpoint is in {checkpoints}. Try a lower train.learning_rate, "
+                    "train.mixed_precision: bf16 instead of fp16, or fp32 (\"no\").")
+            continue
+        nonfinite = 0
+        ema.step(unet.parameters())
+        progress.step += 1
+        bar.update(1)
+        if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
+            logs = mean_over_processes(accelerator, {"loss": loss.item()})
+            logs.update(lr=lr_schedule.get_last_lr()[0], ema_decay=ema.cur_decay_value or 0.0)
+            accelerator.log(logs, step=progress.step)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        if accelerator.is_main_process and (progress.step % cfg.sample_every == 0
+                                            or progress.step == cfg.max_steps):
+            with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer,
+                               num_classes) as pipe:
+                _save_grid(pipe, cfg, num_classes,
+                           output_dir / "images" / f"step_{progress.step:08d}.png")
+        if progress.step % cfg.checkpoint_every == 0 or progress.step == cfg.max_steps:
+            save_checkpoint(accelerator, checkpoints, progress.step, cfg.keep_checkpoints)
+    bar.close()
+
+    export = output_dir / "pipeline"
+    if accelerator.is_main_process:
+        with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer, num_classes) as pipe:
+            pipe.save_pretrained(export)
+        accelerator.print(f"pipeline exported to {export} (latent scaling_factor {scale:.4f})")
+    accelerator.end_training()
+    return export
+
+
+@contextmanager
+def _ema_pipeline(unet, ema: EMAModel, tokenizer: VQTokenizer, num_classes: int):
+    """A pipeline whose UNet holds the EMA weights for the duration of the block."""
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    cls = ClassConditionalLatentDiffusionPipeline if num_classes else LatentDiffusionPipeline
+    try:
+        yield cls(vqvae=tokenizer, unet=unet.eval(), scheduler=default_scheduler())
+    finally:
+        ema.restore(unet.parameters())
+        unet.train()
+
+
+@torch.no_grad()
+def _save_grid(pipe, cfg: DiffusionTrainConfig, num_classes: int, path: Path, count: int = 16):
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device=pipe.device).manual_seed(cfg.seed)
+    if num_classes:
+        labels = [i % num_classes for i in range(count)]
+        images = pipe(labels, guidance_scale=cfg.sample_guidance,
+                      num_inference_steps=cfg.sample_steps, generator=generator,
+                      output_type="pt").images
+    else:
+        images = pipe(batch_size=count, num_inference_steps=cfg.sample_steps,
+                      generator=generator, output_type="pt").images
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, path, nrow=int(count**0.5))

@@ -1,0 +1,236 @@
+"""The stage-two latent cache: round trip, flips, reuse, stale refusal, resume, scaling factor and
+a two-process build (tiny tokenizer, the embedded digits, CPU)."""
+
+import json
+import os
+
+import pytest
+import torch
+from launch import ROOT, launch_two_processes
+
+from diffusion.latent_cache import (LatentCache, StaleCacheError, build_latent_cache,
+                                    measure_scaling_factor, tokenizer_fingerprint)
+from tokenizer import VQTokenizer
+from tokenizer.data import build_dataset
+
+TINY = dict(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+            z_channels=8, embed_dim=4, norm_groups=4, quantizer="cvq",
+            quantizer_options={"num_codes": 16})
+DATA = {"source": "digits", "resolution": 16, "validation_size": 97}
+SHARD = 256  # 1,700 train items → 7 shards, the last one partial
+
+
+def tiny(**overrides) -> VQTokenizer:
+    torch.manual_seed(0)
+    return VQTokenizer(**{**TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny()
+
+
+@pytest.fixture(scope="module")
+def data():
+    dataset = build_dataset(DATA)
+    items = [dataset[i] for i in range(len(dataset))]
+    return (torch.stack([item["pixel_values"] for item in items]),
+            torch.stack([item["label"] for item in items]))
+
+
+@torch.no_grad()
+def encode(tokenizer, images, quantized=True):
+    """The reference: encode directly, in batches of 64 like the cache."""
+    tokenizer.eval()
+    out = []
+    for x in images.split(64):
+        h = tokenizer.encode(x).latents
+        out.append(tokenizer.quantize(h).z_q if quantized else h)
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def built(tokenizer, tmp_path_factory):
+    """The default cache (quantized, no flips), built once for the module."""
+    root = tmp_path_factory.mktemp("cache")
+    return root, build_latent_cache(tokenizer, DATA, root, shard_size=SHARD)
+
+
+def count_encodes(monkeypatch, tokenizer, fail_after=None):
+    """Record the batch sizes ``tokenizer.encode`` sees; raise KeyboardInterrupt (a simulated
+    kill) once ``fail_after`` batches are done."""
+    calls, encode = [], tokenizer.encode
+
+    def wrapper(x, **kwargs):
+        if fail_after is not None and len(calls) == fail_after:
+            raise KeyboardInterrupt
+        calls.append(len(x))
+        return encode(x, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", wrapper)
+    return calls
+
+
+def test_round_trip_and_metadata(tokenizer, data, built):
+    root, cache = built
+    images, labels = data
+    assert len(cache) == len(images) == 1700
+    assert torch.equal(cache.latents, encode(tokenizer, images))
+    assert torch.equal(cache.labels, labels)
+    item = cache[5]
+    assert item["latents"].dtype == torch.float32 and item["latents"].shape == (4, 8, 8)
+    assert item["label"].dtype == torch.int64 and item["label"].ndim == 0
+    assert torch.equal(item["latents"], cache.latents[5]) and item["label"] == labels[5]
+    meta = json.loads((root / "metadata.json").read_text())
+    assert meta == cache.metadata
+    assert meta["complete"] is True and meta["format"] == 1
+    assert meta["tokenizer_fingerprint"] == tokenizer_fingerprint(tokenizer)
+    assert meta["tokenizer_config"]["embed_dim"] == 4 and "scaling_factor" not in \
+        meta["tokenizer_config"]
+    assert meta["data"]["resolution"] == 16 and meta["data"]["validation_size"] == 97
+    assert (meta["part"], meta["quantized"], meta["flips"]) == ("train", True, False)
+    assert (meta["latent_shape"], meta["count"], meta["shard_size"]) == ([4, 8, 8], 1700, SHARD)
+    assert meta["shards"] == [f"shard-{k:05d}.safetensors" for k in range(7)]
+    assert (meta["dtype"], meta["has_labels"], meta["num_classes"]) == ("float32", True, 10)
+    assert sorted(p.name for p in root.iterdir()) == sorted(meta["shards"] + ["metadata.json"])
+
+
+def test_unquantized_latents(tokenizer, data, tmp_path):
+    images, labels = data
+    cache = build_latent_cache(tokenizer, DATA, tmp_path, quantized=False, shard_size=SHARD)
+    assert cache.metadata["quantized"] is False
+    reference = encode(tokenizer, images, quantized=False)
+    assert torch.equal(cache.latents, reference)
+    assert not torch.equal(reference, encode(tokenizer, images))  # z_q really differs
+    assert torch.equal(cache.labels, labels)
+
+
+def test_flips_append_mirrored_images(tokenizer, data, built, tmp_path):
+    images, labels = data
+    cache = build_latent_cache(tokenizer, DATA, tmp_path, flips=True, shard_size=SHARD)
+    n = len(images)
+    assert len(cache) == cache.metadata["count"] == 2 * n
+    assert cache.metadata["dataset_size"] == n and len(cache.metadata["shards"]) == 14
+    assert torch.equal(cache.latents[:n], built[1].latents)
+    mirrored = encode(tokenizer, images.flip(-1))
+    torch.testing.assert_close(cache.latents[n:], mirrored, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(mirrored, built[1].latents)
+    assert torch.equal(cache.labels, torch.cat([labels, labels]))
+
+
+def test_complete_cache_is_reused_without_encoding(tokenizer, built, monkeypatch):
+    root, cache = built
+    stamps = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
+    calls = count_encodes(monkeypatch, tokenizer)
+    again = build_latent_cache(tokenizer, DATA, root, shard_size=SHARD, batch_size=7)
+    assert calls == []
+    assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == stamps
+    assert torch.equal(again.latents, cache.latents) and again.metadata == cache.metadata
+
+
+def test_random_augmentations_are_replaced_by_fixed_views(tokenizer, built, monkeypatch):
+    root, cache = built
+    calls = count_encodes(monkeypatch, tokenizer)
+    with pytest.warns(UserWarning, match="pass flips=True"):
+        again = build_latent_cache(tokenizer, {**DATA, "flip": True, "crop": "random"}, root)
+    assert calls == [] and torch.equal(again.latents, cache.latents)  # the same fixed views
+    assert (cache.metadata["data"]["flip"], cache.metadata["data"]["crop"]) == (False, "center")
+
+
+@pytest.mark.parametrize("change, message", [
+    ("weights", "tokenizer weights differ"),
+    ("config", "tokenizer.quantizer_options {'num_codes': 16} vs {'num_codes': 32}"),
+    ("resolution", "data.resolution 16 vs 32"),
+    ("quantized", "quantized True vs False"),
+    ("part", "part 'train' vs 'validation'"),
+])
+def test_stale_cache_is_refused(built, change, message):
+    root, _ = built
+    tokenizer, data, options = tiny(), dict(DATA), {}
+    if change == "weights":
+        with torch.no_grad():
+            tokenizer.encoder.conv_in.bias.add_(0.01)
+    elif change == "config":
+        tokenizer = tiny(quantizer_options={"num_codes": 32})
+    elif change == "resolution":
+        data["resolution"] = 32
+    elif change == "quantized":
+        options["quantized"] = False
+    else:
+        options["part"] = "validation"
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    with pytest.raises(StaleCacheError) as error:
+        build_latent_cache(tokenizer, data, root, shard_size=SHARD, **options)
+    text = str(error.value)
+    assert message in text and f"delete {root} or choose another cache dir" in text
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == before
+
+
+def test_resume_after_kill_encodes_only_missing_shards(tokenizer, built, monkeypatch, tmp_path):
+    count_encodes(monkeypatch, tokenizer, fail_after=10)
+    with pytest.raises(KeyboardInterrupt):  # killed in shard 2, after 10 batches of 64
+        build_latent_cache(tokenizer, DATA, tmp_path, shard_size=SHARD)
+    monkeypatch.undo()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["pending.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    with pytest.raises(FileNotFoundError, match="not a complete latent cache"):
+        LatentCache(tmp_path)
+    with pytest.raises(StaleCacheError, match="flips False vs True"):  # partial caches too
+        build_latent_cache(tokenizer, DATA, tmp_path, shard_size=SHARD, flips=True)
+
+    (tmp_path / "shard-00000.safetensors").unlink()
+    (tmp_path / "shard-00003.safetensors.tmp").write_bytes(b"half a shard")  # killed mid-write
+    (tmp_path / "shard-00005.safetensors").write_bytes(b"not a safetensors file")
+    kept = (tmp_path / "shard-00001.safetensors").stat().st_mtime_ns
+    calls = count_encodes(monkeypatch, tokenizer)
+    with pytest.warns(UserWarning, match="re-encoding unreadable shard .*shard-00005"):
+        cache = build_latent_cache(tokenizer, DATA, tmp_path, shard_size=SHARD)
+    assert sum(calls) == 1700 - SHARD  # everything but shard 1
+    assert (tmp_path / "shard-00001.safetensors").stat().st_mtime_ns == kept
+    assert torch.equal(cache.latents, built[1].latents)
+    assert torch.equal(cache.labels, built[1].labels)
+    assert cache.metadata == built[1].metadata
+    assert not any(p.name.endswith(".tmp") or p.name == "pending.json" for p in tmp_path.iterdir())
+
+
+def test_measure_scaling_factor(tokenizer, data, built):
+    reference = encode(tokenizer, data[0]).double()
+    assert measure_scaling_factor(built[1]) == pytest.approx(1 / reference.std().item(),
+                                                             rel=1e-12)
+    subset = reference[::17]  # ceil(1700 / 100) = 17
+    assert measure_scaling_factor(built[1], max_items=100) == pytest.approx(
+        1 / subset.std().item(), rel=1e-12)
+    assert abs(1 / subset.std().item() - 1 / reference.std().item()) > 1e-6  # subset is used
+
+
+def test_fingerprint_covers_config_and_weights_but_not_scaling_factor():
+    a, b = tiny(), tiny()
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+    b.register_to_config(scaling_factor=0.25)
+    assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
+    with torch.no_grad():
+        b.decoder.conv_out.weight[0, 0, 0, 0] += 1e-3
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(tiny(quantizer="vq"))
+
+
+def test_opening_a_folder_that_is_no_cache_names_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        LatentCache(tmp_path)
+    assert str(tmp_path) in str(error.value) and "build_latent_cache" in str(error.value)
+
+
+def test_two_process_build_matches_single_process(built, tmp_path):
+    root, reports = tmp_path / "cache", tmp_path / "reports"
+    reports.mkdir()
+    launch_two_processes(ROOT / "tests" / "latent_cache_worker.py", str(root), str(reports),
+                         port=29541)
+    ranks = [json.loads((reports / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["cache_length"] for r in ranks] == [1700, 1700]
+    assert [r["encoded"] for r in ranks] == [3 * SHARD + 1700 - 6 * SHARD, 3 * SHARD]
+    cache = LatentCache(root)
+    assert cache.metadata == built[1].metadata
+    assert torch.equal(cache.latents, built[1].latents)
+    assert torch.equal(cache.labels, built[1].labels)
+    assert sorted(os.listdir(root)) == sorted(os.listdir(built[0]))

@@ -1,0 +1,135 @@
+"""The diffusion training script end to end on the CPU: tiny tokenizer, tiny UNets."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from diffusion.latent_cache import LatentCache, measure_scaling_factor
+from diffusion.train import parse_recipe
+from launch import ROOT
+from pipelines import ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline
+from tokenizer import VQTokenizer
+from tokenizer.config import ConfigError
+
+TINY = {
+    "unet": {"block_out_channels": [16, 16], "layers_per_block": 1,
+             "attention_resolutions": [4], "attention_head_dim": 8, "norm_num_groups": 8,
+             "num_classes": 0},
+    "data": {"source": "digits", "resolution": 16, "validation_size": 97},
+    "cache": {"shard_size": 512},
+    "train": {"max_steps": 6, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 2,
+              "ema_decay": 0.99, "log_every": 2, "sample_every": 3, "sample_steps": 2,
+              "checkpoint_every": 2, "keep_checkpoints": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = VQTokenizer(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                        attn_resolutions=(), z_channels=8, embed_dim=4, norm_groups=4,
+                        quantizer="looc", quantizer_options={"num_codes": 16, "code_dim": 2})
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    model.save_pretrained(path)
+    return path
+
+
+def write_config(path: Path, num_classes: int = 0, **train) -> Path:
+    config = json.loads(json.dumps(TINY))
+    config["unet"]["num_classes"] = num_classes
+    config["train"].update(train)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run(config: Path, tokenizer: Path, out: Path, *extra: str, ok: bool = True):
+    done = subprocess.run([sys.executable, "scripts/train_diffusion.py", "--config", str(config),
+                           "--tokenizer", str(tokenizer), "--output-dir", str(out), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if ok:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.parametrize("num_classes", [0, 10], ids=["unconditional", "class-conditional"])
+def test_train_export_and_exact_resume(tmp_path, tokenizer_dir, num_classes):
+    config = write_config(tmp_path / "c.yaml", num_classes)
+    run(config, tokenizer_dir, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    assert (run_dir / "images" / "step_00000003.png").is_file()
+
+    # the exported pipeline: right class, EMA UNet, and the latent scale measured on the cache
+    cls = ClassConditionalLatentDiffusionPipeline if num_classes else LatentDiffusionPipeline
+    pipe = cls.from_pretrained(run_dir / "pipeline")
+    scale = measure_scaling_factor(LatentCache(run_dir / "latents"))
+    assert pipe.vqvae.config.scaling_factor == pytest.approx(scale)
+    assert scale != 1.0
+    assert (pipe.unet.config.num_class_embeds or 0) == (num_classes + 1 if num_classes else 0)
+
+    # resume from step 2 (the cache is rebuilt from scratch and must come out the same)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir / "checkpoints" / "step_00000002",
+                    resumed / "checkpoints" / "step_00000002")
+    done = run(config, tokenizer_dir, resumed, "--resume", "latest")
+    assert "at step 2" in done.stdout + done.stderr
+    for part in ("unet/diffusion_pytorch_model.safetensors",
+                 "vqvae/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(run_dir / "pipeline" / part), load_file(resumed / "pipeline" / part)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (part, key)
+    a = load_file(run_dir / "checkpoints" / "step_00000006" / "model.safetensors")
+    b = load_file(resumed / "checkpoints" / "step_00000006" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "raw (non-EMA) weights match too"
+
+
+def test_stale_cache_is_refused(tmp_path, tokenizer_dir):
+    cache = tmp_path / "shared-cache"
+    config = write_config(tmp_path / "c.yaml", max_steps=1)
+    run(config, tokenizer_dir, tmp_path / "a", f"cache.dir={cache}")
+    done = run(config, tokenizer_dir, tmp_path / "b", f"cache.dir={cache}",
+               "cache.quantized=false", ok=False)
+    assert done.returncode != 0
+    assert "quantized" in done.stderr and str(cache) in done.stderr
+
+
+def test_not_a_tokenizer_folder_is_refused(tmp_path):
+    config = write_config(tmp_path / "c.yaml")
+    done = run(config, tmp_path, tmp_path / "run", ok=False)
+    assert done.returncode != 0 and "not a saved tokenizer folder" in done.stderr
+
+
+def test_labels_beyond_num_classes_are_refused(tmp_path, tokenizer_dir):
+    config = write_config(tmp_path / "c.yaml", num_classes=5)
+    done = run(config, tokenizer_dir, tmp_path / "run", ok=False)
+    assert done.returncode != 0 and "unet.num_classes" in done.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"unet": {"num_classes": -1}}, "unet.num_classes"),
+    ({"unet": {"block_out_channels": [20, 40]}}, "norm_num_groups"),
+    ({"unet": {"layer_per_block": 2}}, "unet.layer_per_block"),
+    ({"cache": {"quantised": True}}, "cache.quantised"),
+    ({"train": {"label_dropout": 1.5}}, "train.label_dropout"),
+    ({"train": {"ema_decay": 1.0}}, "train.ema_decay"),
+    ({"sampling": {}}, "unknown section"),
+])
+def test_bad_diffusion_configs_name_the_key(change, message):
+    config = json.loads(json.dumps(TINY))
+    for section, values in change.items():
+        config.setdefault(section, {}).update(values)
+    with pytest.raises(ConfigError, match=message):
+        parse_recipe(config)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "diffusion").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_diffusion_config_is_valid(path):
+    recipe = parse_recipe(yaml.safe_load(path.read_text()))
+    assert recipe.train.max_steps > recipe.train.log_every
