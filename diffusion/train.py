@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
@@ -24,10 +23,11 @@ from tqdm.auto import tqdm
 from pipelines import ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline
 from pipelines import default_scheduler
 from tokenizer import VQTokenizer
-from tokenizer.checkpoints import checkpoint_step, resolve_resume, save_checkpoint
+from tokenizer.checkpoints import save_checkpoint
 from tokenizer.config import ConfigError, build_dataclass, require
 from tokenizer.data import DataConfig
-from tokenizer.loop import Progress, all_finite, mean_over_processes, seeded_batches
+from tokenizer.loop import (NonFiniteGuard, Progress, all_finite, mean_over_processes,
+                            seeded_batches, start_run)
 
 from .latent_cache import build_latent_cache, measure_scaling_factor
 from .unet import UNetConfig, build_unet, training_scheduler
@@ -200,25 +200,15 @@ def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_d
     progress = Progress()
     accelerator.register_for_checkpointing(progress, ema)
 
-    checkpoints = output_dir / "checkpoints"
-    start = resolve_resume(resume, checkpoints)
-    if start is not None:
-        accelerator.load_state(str(start))
-        accelerator.print(f"resumed from {start} at step {checkpoint_step(start)}")
-    elif resume:
-        accelerator.print(f"--resume {resume}: no checkpoint in {checkpoints}, starting fresh")
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(raw_config or {
-            k: asdict(getattr(recipe, k)) for k in SECTIONS}, sort_keys=False))
-    accelerator.init_trackers("logs")
+    checkpoints = start_run(accelerator, output_dir, resume, raw_config or {
+        k: asdict(getattr(recipe, k)) for k in SECTIONS})
 
     noise_schedule = training_scheduler()
     batches = seeded_batches(cache, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
                              cfg.num_workers, accelerator, progress.step)
     bar = tqdm(total=cfg.max_steps, initial=progress.step,
                disable=not accelerator.is_local_main_process, desc="diffusion")
-    nonfinite = 0
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, checkpoints, accelerator)
     while progress.step < cfg.max_steps:
         for _ in range(cfg.gradient_accumulation_steps):
             batch = next(batches)
@@ -244,17 +234,8 @@ def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_d
                 optimizer.step()
                 lr_schedule.step()
                 optimizer.zero_grad(set_to_none=True)
-        if not finite:
-            nonfinite += 1
-            accelerator.print(f"step {progress.step}: non-finite loss, step skipped "
-                              f"({nonfinite} in a row)")
-            if nonfinite >= cfg.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{nonfinite} non-finite losses in a row at step {progress.step}; the last "
-                    f"good checkpoint is in {checkpoints}. Try a lower train.learning_rate, "
-                    "train.mixed_precision: bf16 instead of fp16, or fp32 (\"no\").")
+        if not guard.update(finite, progress.step):
             continue
-        nonfinite = 0
         ema.step(unet.parameters())
         progress.step += 1
         bar.update(1)

@@ -43,7 +43,7 @@ def test_training_improves_reconstruction():
     assert "| looc |" in format_table([after])
 
 
-def test_readme_main_command_runs():
+def test_comparison_script_runs():
     done = subprocess.run([sys.executable, "scripts/compare_quantizers.py", "--steps", "2",
                            "--batch-size", "8"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)

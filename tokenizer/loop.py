@@ -1,12 +1,16 @@
 """Pieces shared by the training loops of both stages: the checkpointed step counter, the
-seeded, resumable batch order, and cross-process reductions."""
+seeded, resumable batch order, resuming, cross-process reductions and the non-finite guard."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import yaml
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
+from .checkpoints import checkpoint_step, resolve_resume
 from .config import ConfigError
 
 
@@ -57,3 +61,44 @@ def mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> d
     t = torch.tensor([values[k] for k in keys], device=accelerator.device, dtype=torch.float64)
     t = accelerator.reduce(t, reduction="mean")
     return dict(zip(keys, t.tolist()))
+
+
+class NonFiniteGuard:
+    """Counts non-finite steps in a row; ``limit`` of them stop the run with advice."""
+
+    def __init__(self, limit: int, checkpoints: Path, accelerator: Accelerator):
+        self.limit, self.checkpoints, self.accelerator, self.count = limit, checkpoints, \
+            accelerator, 0
+
+    def update(self, finite: bool, step: int) -> bool:
+        """Record the step's outcome; returns whether it counts (False: it was skipped)."""
+        if finite:
+            self.count = 0
+            return True
+        self.count += 1
+        self.accelerator.print(f"step {step}: non-finite loss, step skipped "
+                               f"({self.count} in a row)")
+        if self.count >= self.limit:
+            raise FloatingPointError(
+                f"{self.count} non-finite losses in a row at step {step}; the last good "
+                f"checkpoint is in {self.checkpoints}. Try a lower train.learning_rate, "
+                "train.mixed_precision: bf16 instead of fp16, or fp32 (\"no\").")
+        return False
+
+
+def start_run(accelerator: Accelerator, output_dir: Path, resume: str | None,
+              config: dict) -> Path:
+    """Resume from a checkpoint if asked (all processes), write the config as run, start the
+    TensorBoard logs; returns the checkpoint folder."""
+    checkpoints = output_dir / "checkpoints"
+    start = resolve_resume(resume, checkpoints)
+    if start is not None:
+        accelerator.load_state(str(start))
+        accelerator.print(f"resumed from {start} at step {checkpoint_step(start)}")
+    elif resume:
+        accelerator.print(f"--resume {resume}: no checkpoint in {checkpoints}, starting fresh")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    accelerator.init_trackers("logs")
+    return checkpoints

@@ -12,14 +12,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from .checkpoints import checkpoint_step, resolve_resume, save_checkpoint
-from .loop import Progress, all_finite, mean_over_processes, seeded_batches
+from .checkpoints import save_checkpoint
+from .loop import (NonFiniteGuard, Progress, all_finite, mean_over_processes,
+                   seeded_batches, start_run)
 from .config import ConfigError, build_dataclass, check_section, require, signature_hints
 from .data import DataConfig, build_dataset
 from .losses import LossConfig, VQGANLoss
@@ -143,19 +143,9 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
 
-    checkpoints = output_dir / "checkpoints"
-    start = resolve_resume(resume, checkpoints)
-    if start is not None:
-        accelerator.load_state(str(start))
-        accelerator.print(f"resumed from {start} at step {checkpoint_step(start)}")
-    elif resume:
-        accelerator.print(f"--resume {resume}: no checkpoint in {checkpoints}, starting fresh")
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(raw_config or {
-            "model": recipe.model, "loss": asdict(recipe.loss), "data": asdict(recipe.data),
-            "train": asdict(cfg)}, sort_keys=False))
-    accelerator.init_trackers("logs")
+    checkpoints = start_run(accelerator, output_dir, resume, raw_config or {
+        "model": recipe.model, "loss": asdict(recipe.loss), "data": asdict(recipe.data),
+        "train": asdict(cfg)})
 
     unwrapped = accelerator.unwrap_model(model)
     fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
@@ -163,7 +153,7 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
                              cfg.num_workers, accelerator, progress.step)
     bar = tqdm(total=cfg.max_steps, initial=progress.step,
                disable=not accelerator.is_local_main_process, desc="tokenizer")
-    nonfinite = 0
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, checkpoints, accelerator)
     while progress.step < cfg.max_steps:
         step = progress.step
         for _ in range(cfg.gradient_accumulation_steps):
@@ -188,17 +178,8 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
                     opt_d.step()
                     opt_d.zero_grad(set_to_none=True)
                     logs.update(d_logs)
-        if not finite:
-            nonfinite += 1
-            accelerator.print(f"step {step}: non-finite loss, step skipped "
-                              f"({nonfinite} in a row)")
-            if nonfinite >= cfg.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{nonfinite} non-finite losses in a row at step {step}; the last good "
-                    f"checkpoint is in {checkpoints}. Try a lower train.learning_rate, "
-                    "train.mixed_precision: bf16 instead of fp16, or fp32 (\"no\").")
+        if not guard.update(finite, step):
             continue
-        nonfinite = 0
         progress.step += 1
         bar.update(1)
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The two-stage demo on the embedded digits: train the tokenizer, train the generator (both with
+# `accelerate launch`), export the pipeline, sample a grid. About ten minutes on two CPU cores.
+#   bash scripts/demo.sh [RUNS_DIR]      (ACCELERATE_ARGS="--multi_gpu --num_processes 2" for GPUs)
+set -euo pipefail
+runs=${1:-runs}
+launch="accelerate launch ${ACCELERATE_ARGS:---num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no}"
+$launch scripts/train_tokenizer.py --config configs/tokenizer/digits_demo.yaml --output-dir "$runs/demo_tokenizer"
+$launch scripts/train_diffusion.py --config configs/diffusion/digits_uncond.yaml \
+    --tokenizer "$runs/demo_tokenizer/tokenizer" --output-dir "$runs/demo_diffusion"
+python scripts/sample.py --pipeline "$runs/demo_diffusion/pipeline" --num-images 64 \
+    --out "$runs/demo_diffusion/samples"
+echo "samples: $runs/demo_diffusion/samples/grid.png; pipeline: $runs/demo_diffusion/pipeline"
