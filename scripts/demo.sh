@@ -4,7 +4,7 @@
 #   bash scripts/demo.sh [RUNS_DIR]      (ACCELERATE_ARGS="--multi_gpu --num_processes 2" for GPUs)
 set -euo pipefail
 runs=${1:-runs}
-launch="accelerate launch ${ACCELERATE_ARGS:---num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no}"
+launch="accelerate launch ${ACCELERATE_ARGS:---num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(nproc)}"
 $launch scripts/train_tokenizer.py --config configs/tokenizer/digits_demo.yaml --output-dir "$runs/demo_tokenizer"
 $launch scripts/train_diffusion.py --config configs/diffusion/digits_uncond.yaml \
     --tokenizer "$runs/demo_tokenizer/tokenizer" --output-dir "$runs/demo_diffusion"

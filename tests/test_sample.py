@@ -1,0 +1,82 @@
+"""scripts/sample.py: files, grid, per-image seeds (same images on one or two processes)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+from PIL import Image
+
+from launch import ROOT, launch_two_processes
+from pipelines import (ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline,
+                       default_scheduler)
+from tokenizer import VQTokenizer
+
+
+def save_pipeline(path, num_classes=0):
+    torch.manual_seed(0)
+    vqvae = VQTokenizer(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                        attn_resolutions=(), z_channels=8, embed_dim=4, norm_groups=4,
+                        quantizer="cvq", quantizer_options={"num_codes": 16}).eval()
+    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 16),
+                       layers_per_block=1, norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"),
+                       num_class_embeds=num_classes + 1 if num_classes else None)
+    cls = ClassConditionalLatentDiffusionPipeline if num_classes else LatentDiffusionPipeline
+    cls(vqvae=vqvae, unet=unet, scheduler=default_scheduler()).save_pretrained(path)
+    return path
+
+
+def sample(*args, ok=True):
+    done = subprocess.run([sys.executable, "scripts/sample.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    if ok:
+        assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_images_depend_only_on_their_seed(tmp_path):
+    pipe = save_pipeline(tmp_path / "pipe")
+    sample("--pipeline", pipe, "--num-images", 5, "--batch-size", 2, "--steps", 3,
+           "--out", tmp_path / "one")
+    files = sorted(p.name for p in (tmp_path / "one").glob("0*.png"))
+    assert files == [f"{i:06d}.png" for i in range(5)]
+    assert (tmp_path / "one" / "grid.png").is_file()
+    launch_two_processes(ROOT / "scripts" / "sample.py", "--pipeline", str(pipe),
+                         "--num-images", "5", "--batch-size", "3", "--steps", "3",
+                         "--out", str(tmp_path / "two"), port=29551)
+    for name in files:
+        assert np.array_equal(pixels(tmp_path / "one" / name), pixels(tmp_path / "two" / name))
+    assert not np.array_equal(pixels(tmp_path / "one" / files[0]),
+                              pixels(tmp_path / "one" / files[1]))
+
+
+def test_class_labels(tmp_path):
+    pipe = save_pipeline(tmp_path / "pipe", num_classes=3)
+    sample("--pipeline", pipe, "--num-images", 4, "--steps", 2, "--class-labels", "2,0",
+           "--out", tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out").glob("0*.png"))
+    assert names == ["000000_class2.png", "000001_class0.png", "000002_class2.png",
+                     "000003_class0.png"]
+    done = sample("--pipeline", pipe, "--num-images", 1, "--steps", 2, "--class-labels", "7",
+                  "--out", tmp_path / "bad", ok=False)
+    assert done.returncode != 0 and "out of range" in done.stderr
+
+
+def test_unconditional_pipeline_refuses_labels(tmp_path):
+    pipe = save_pipeline(tmp_path / "pipe")
+    done = sample("--pipeline", pipe, "--num-images", 1, "--class-labels", "1",
+                  "--out", tmp_path / "out", ok=False)
+    assert done.returncode != 0 and "unconditional" in done.stderr
+
+
+def test_not_a_pipeline_folder(tmp_path):
+    done = sample("--pipeline", tmp_path, "--num-images", 1, "--out", tmp_path / "o", ok=False)
+    assert done.returncode != 0 and "not a saved pipeline folder" in done.stderr
