@@ -14,6 +14,7 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from tokenizer.loop import all_finite
 from tokenizer.quantizers import build_quantizer
 
 SETTINGS = {
@@ -68,6 +69,10 @@ def main(out_path: str) -> None:
             "state_size": state.numel(),
             "local_counts_differ": not torch.equal(counts[0], counts[1]),
         }
+    # a non-finite loss on one process must make every process skip the step
+    mine = torch.tensor(float("nan") if accelerator.process_index == 1 else 1.0)
+    report["skip_agreed"] = not all_finite(accelerator, mine)
+    report["finite_agreed"] = all_finite(accelerator, torch.tensor(1.0))
     if accelerator.is_main_process:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)

@@ -11,6 +11,7 @@ def test_codebooks_identical_on_two_processes_with_different_data(tmp_path):
     launch_two_processes(ROOT / "tests" / "distributed_worker.py", str(report_path))
     report = json.loads(report_path.read_text())
     assert report.pop("world_size") == 2
+    assert report.pop("skip_agreed") and report.pop("finite_agreed")
     for name, r in report.items():
         assert r["local_counts_differ"], f"{name}: ranks saw the same codes; test is vacuous"
         assert r["max_state_difference"] == 0.0, f"{name}: ranks diverged: {r}"

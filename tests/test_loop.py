@@ -33,3 +33,13 @@ def test_resumed_batch_stream_continues_the_uninterrupted_one():
     resumed = seeded_batches(data, 4, 1, 0, 0, OneProcess(printed=[]), start_step=17)
     assert [next(resumed)[0].tolist() for _ in range(13)] == stream[17:]
     assert stream[0] != stream[12], "each epoch has its own order"
+
+
+def test_all_finite_single_process():
+    from accelerate import Accelerator
+
+    from tokenizer.loop import all_finite
+    accelerator = Accelerator(cpu=True)
+    assert all_finite(accelerator, torch.tensor(1.0))
+    assert not all_finite(accelerator, torch.tensor(float("nan")))
+    assert not all_finite(accelerator, torch.tensor(float("inf")))

@@ -53,7 +53,8 @@ def seeded_batches(dataset: Dataset, batch_size: int, accumulation: int, seed: i
 def all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
     """True when the loss is finite on every process (all must agree to skip a step, or the
     collectives of the next step would deadlock)."""
-    return accelerator.reduce(torch.isfinite(loss.detach()).float(), reduction="min").item() == 1
+    bad = (~torch.isfinite(loss.detach())).float()
+    return accelerator.reduce(bad, reduction="max").item() == 0  # accelerate has no "min"
 
 
 def mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict:
