@@ -133,3 +133,14 @@ def test_bad_diffusion_configs_name_the_key(change, message):
 def test_every_shipped_diffusion_config_is_valid(path):
     recipe = parse_recipe(yaml.safe_load(path.read_text()))
     assert recipe.train.max_steps > recipe.train.log_every
+
+
+def test_two_process_training_runs_and_exports(tmp_path, tokenizer_dir):
+    from launch import launch_two_processes
+    config = write_config(tmp_path / "c.yaml", num_classes=10, max_steps=3, batch_size=8)
+    launch_two_processes(ROOT / "scripts" / "train_diffusion.py", "--config", str(config),
+                         "--tokenizer", str(tokenizer_dir), "--output-dir", str(tmp_path / "run"),
+                         port=29557)
+    pipe = ClassConditionalLatentDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert pipe.num_classes == 10
+    assert LatentCache(tmp_path / "run" / "latents").metadata["count"] == 1700
