@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 from diffusers import UNet2DModel
 from PIL import Image
