@@ -11,27 +11,25 @@ from unittest import mock
 import numpy as np
 import torch
 
+from .weights import cached_weights
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  + INCEPTION_FILE)
 
 
-def cached_inception_path() -> Path:
-    """Where torch-fidelity's download lands (the torch hub cache)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-
-
 def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
-    """The Inception weights file: ``path`` if given, else the torch hub cache. Raises a
-    ``FileNotFoundError`` that says which file to put where."""
-    candidate = Path(path) if path else cached_inception_path()
-    if candidate.is_file():
-        return candidate
-    where = f"the file {candidate}" if path else f"{INCEPTION_FILE} in {candidate.parent}"
-    raise FileNotFoundError(
-        f"FID needs torch-fidelity's Inception v3 weights and {where} does not exist. On a "
-        f"connected machine download {INCEPTION_URL}, then copy it to {cached_inception_path()} "
-        "or pass its path with --inception-weights PATH (or skip FID with --no-fid).")
+    """The Inception weights file: ``path`` if given, else the torch hub cache (downloaded there
+    if possible). Raises a ``FileNotFoundError`` that says which file to put where."""
+    if path is None:
+        return cached_weights(INCEPTION_URL, "FID (torch-fidelity's Inception v3)",
+                              "or pass its path with --inception-weights PATH (or skip FID with "
+                              "--no-fid)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"--inception-weights {path}: no such file. It must be torch-fidelity's "
+            f"{INCEPTION_FILE} ({INCEPTION_URL}); or skip FID with --no-fid.")
+    return Path(path)
 
 
 @contextmanager

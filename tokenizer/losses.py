@@ -8,15 +8,15 @@ constants, so it leaves their gradients (and, under DDP, their synchronisation) 
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, fields
-from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+from .weights import cached_weights
 
 
 class ActNorm(nn.Module):
@@ -99,20 +99,14 @@ _D_LOGS = ("d_loss", "logits_real", "logits_fake", "disc_factor")
 def build_lpips(pretrained: bool = True) -> nn.Module:
     """Frozen LPIPS-VGG (Zhang et al. 2018), eval mode, inputs in [−1, 1], output B×1×1×1. The
     linear heads ship with ``lpips``; ``pretrained`` loads the ImageNet VGG16 backbone from the
-    torch hub cache only (never downloads); ``pretrained=False``: random backbone (tests)."""
+    torch hub cache (downloading it there if possible, see ``tokenizer.weights``);
+    ``pretrained=False``: random backbone (tests)."""
     import lpips
     from torchvision.models import VGG16_Weights
 
     if pretrained:
-        url = VGG16_Weights.IMAGENET1K_V1.url
-        name = os.path.basename(urlparse(url).path)
-        directory = os.path.join(torch.hub.get_dir(), "checkpoints")
-        if not os.path.isfile(os.path.join(directory, name)):
-            raise FileNotFoundError(
-                f"LPIPS needs the ImageNet VGG16 weights file {name!r} in the directory "
-                f"{directory!r} (torch hub cache; set TORCH_HOME to move it), and it is not there. "
-                f"Download {url} and put it at {os.path.join(directory, name)!r}, "
-                "or set `perceptual_weight: 0` in the loss config to train without LPIPS.")
+        cached_weights(VGG16_Weights.IMAGENET1K_V1.url, "LPIPS (its VGG16 backbone)",
+                       "or set `perceptual_weight: 0` in the loss config to train without LPIPS")
     with warnings.catch_warnings():  # torchvision's "pretrained is deprecated" warning
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
