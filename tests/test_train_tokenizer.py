@@ -148,7 +148,9 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path):
 
 
 def test_two_process_training_runs_and_exports(tmp_path):
-    config = write_config(tmp_path / "c.yaml", train__max_steps=4, train__batch_size=4)
+    # the discriminator and the adaptive weight run under DDP from step 2 on
+    config = write_config(tmp_path / "c.yaml", train__max_steps=4, train__batch_size=4,
+                          loss__disc_start=2)
     launch_two_processes(ROOT / "scripts" / "train_tokenizer.py", "--config", str(config),
                          "--output-dir", str(tmp_path / "run"), port=29547)
     assert (tmp_path / "run" / "tokenizer" / "diffusion_pytorch_model.safetensors").is_file()
