@@ -24,7 +24,7 @@ from pipelines import ClassConditionalLatentDiffusionPipeline, LatentDiffusionPi
 from pipelines import default_scheduler
 from tokenizer import VQTokenizer
 from tokenizer.checkpoints import save_checkpoint
-from tokenizer.config import ConfigError, build_dataclass, require
+from tokenizer.config import ConfigError, build_dataclass, check_sections, require
 from tokenizer.data import DataConfig
 from tokenizer.loop import (NonFiniteGuard, Progress, all_finite, mean_over_processes,
                             seeded_batches, start_run)
@@ -129,9 +129,7 @@ class DiffusionRecipe:
 
 
 def parse_recipe(raw: dict) -> DiffusionRecipe:
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"unknown section(s) {unknown}; allowed sections: {list(SECTIONS)}")
+    check_sections(raw, SECTIONS)
     return DiffusionRecipe(build_dataclass(UNetConfig, "unet", raw.get("unet")),
                            build_dataclass(DataConfig, "data", raw.get("data")),
                            build_dataclass(CacheConfig, "cache", raw.get("cache")),

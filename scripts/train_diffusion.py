@@ -14,7 +14,7 @@ from pathlib import Path
 
 from diffusion.latent_cache import StaleCacheError
 from diffusion.train import parse_recipe, train_diffusion
-from tokenizer.config import ConfigError, apply_overrides, load_yaml
+from tokenizer.config import ConfigError, load_recipe
 
 
 def main() -> None:
@@ -26,8 +26,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     args = parser.parse_args()
     try:
-        raw = apply_overrides(load_yaml(args.config), args.overrides)
-        recipe = parse_recipe(raw)
+        raw, recipe = load_recipe(args.config, args.overrides, parse_recipe)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)

@@ -44,6 +44,18 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
     return config
 
 
+def load_recipe(path: str | Path, overrides: list[str], parse: Callable[[dict], Any]):
+    """The YAML at ``path`` with ``overrides`` applied, and ``parse`` of it: ``(raw, recipe)``."""
+    raw = apply_overrides(load_yaml(path), overrides)
+    return raw, parse(raw)
+
+
+def check_sections(raw: dict, sections: tuple[str, ...]) -> None:
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; allowed sections: {list(sections)}")
+
+
 def _matches(value: Any, hint: Any) -> bool:
     if hint is Any:
         return True

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from .checkpoints import save_checkpoint
 from .loop import (NonFiniteGuard, Progress, all_finite, mean_over_processes,
                    seeded_batches, start_run)
-from .config import ConfigError, build_dataclass, check_section, require, signature_hints
+from .config import (ConfigError, build_dataclass, check_section, check_sections, require,
+                     signature_hints)
 from .data import DataConfig, build_dataset
 from .losses import LossConfig, VQGANLoss
 from .model import VQTokenizer
@@ -89,9 +90,7 @@ class TokenizerRecipe:
 
 def parse_recipe(raw: dict) -> TokenizerRecipe:
     """Validate a whole config before anything is built: every error names its key."""
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"unknown section(s) {unknown}; allowed sections: {list(SECTIONS)}")
+    check_sections(raw, SECTIONS)
     model = check_section("model", raw.get("model"), signature_hints(VQTokenizer.__init__))
     loss = build_dataclass(LossConfig, "loss", raw.get("loss"))
     data = build_dataclass(DataConfig, "data", raw.get("data"))
