@@ -1,7 +1,8 @@
 """Stage two training: latent diffusion on the frozen tokenizer's latents, with ``accelerate``.
 
-The config has four sections: ``unet`` (``UNetConfig``), ``data`` (``DataConfig``, the images
-to encode), ``cache`` (``CacheConfig``) and ``train`` (``DiffusionTrainConfig``).
+The config has five sections: ``unet`` (``UNetConfig``), ``data`` (``DataConfig``, the images
+to encode), ``cache`` (``CacheConfig``), ``train`` (``DiffusionTrainConfig``) and ``eval``
+(``EvalConfig``, the FID protocol that ``scripts/eval_fid.py`` follows).
 ``scripts/train_diffusion.py`` is the command line.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
@@ -22,6 +24,8 @@ from tqdm.auto import tqdm
 
 from pipelines import ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline
 from pipelines import default_scheduler
+from pipelines.model_card import write_model_card
+from pipelines.sampling import TRAINING_CONFIG
 from tokenizer import VQTokenizer
 from tokenizer.checkpoints import save_checkpoint
 from tokenizer.config import ConfigError, build_dataclass, check_sections, require
@@ -29,10 +33,11 @@ from tokenizer.data import DataConfig
 from tokenizer.loop import (NonFiniteGuard, Progress, all_finite, mean_over_processes,
                             seeded_batches, start_run)
 
+from .evaluate import EvalConfig
 from .latent_cache import build_latent_cache, measure_scaling_factor
 from .unet import UNetConfig, build_unet, training_scheduler
 
-SECTIONS = ("unet", "data", "cache", "train")
+SECTIONS = ("unet", "data", "cache", "train", "eval")
 
 
 @dataclass
@@ -126,6 +131,7 @@ class DiffusionRecipe:
     data: DataConfig
     cache: CacheConfig
     train: DiffusionTrainConfig
+    eval: EvalConfig
 
 
 def parse_recipe(raw: dict) -> DiffusionRecipe:
@@ -133,7 +139,8 @@ def parse_recipe(raw: dict) -> DiffusionRecipe:
     return DiffusionRecipe(build_dataclass(UNetConfig, "unet", raw.get("unet")),
                            build_dataclass(DataConfig, "data", raw.get("data")),
                            build_dataclass(CacheConfig, "cache", raw.get("cache")),
-                           build_dataclass(DiffusionTrainConfig, "train", raw.get("train")))
+                           build_dataclass(DiffusionTrainConfig, "train", raw.get("train")),
+                           build_dataclass(EvalConfig, "eval", raw.get("eval")))
 
 
 def load_tokenizer(path: str | Path) -> VQTokenizer:
@@ -198,8 +205,8 @@ def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_d
     progress = Progress()
     accelerator.register_for_checkpointing(progress, ema)
 
-    checkpoints = start_run(accelerator, output_dir, resume, raw_config or {
-        k: asdict(getattr(recipe, k)) for k in SECTIONS})
+    run_config = raw_config or {k: asdict(getattr(recipe, k)) for k in SECTIONS}
+    checkpoints = start_run(accelerator, output_dir, resume, run_config)
 
     noise_schedule = training_scheduler()
     batches = seeded_batches(cache, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
@@ -256,9 +263,24 @@ def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_d
     if accelerator.is_main_process:
         with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer, num_classes) as pipe:
             pipe.save_pretrained(export)
+        describe_export(export, run_config, Path(tokenizer_dir), bool(num_classes))
         accelerator.print(f"pipeline exported to {export} (latent scaling_factor {scale:.4f})")
     accelerator.end_training()
     return export
+
+
+def describe_export(export: Path, run_config: dict, tokenizer_dir: Path,
+                    conditional: bool) -> None:
+    """Write the training configs of both stages into the pipeline folder
+    (``training_config.yaml``, read by ``scripts/eval_fid.py`` for its defaults) and its model
+    card."""
+    tokenizer_config = tokenizer_dir.parent / "config.yaml"
+    configs = {"diffusion": run_config,
+               "tokenizer": (yaml.safe_load(tokenizer_config.read_text())
+                             if tokenizer_config.is_file() else None)}
+    (export / TRAINING_CONFIG).write_text(yaml.safe_dump(configs, sort_keys=False))
+    cls = ClassConditionalLatentDiffusionPipeline if conditional else LatentDiffusionPipeline
+    write_model_card(export, cls.__name__, configs, conditional)
 
 
 @contextmanager

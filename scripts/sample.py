@@ -10,39 +10,17 @@ the run that exported the pipeline (200 for FFHQ/LSUN, 250 for ImageNet), else 5
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import torch
-import yaml
 from accelerate import Accelerator
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-import pipelines
-
-
-def load_pipeline(path: Path):
-    index = path / "model_index.json"
-    if not index.is_file():
-        sys.exit(f"--pipeline {path}: not a saved pipeline folder (no model_index.json); pass "
-                 "the DIR/pipeline folder written by train_diffusion.py")
-    name = json.loads(index.read_text())["_class_name"]
-    name = name[-1] if isinstance(name, list) else name
-    cls = getattr(pipelines, name, None)
-    if cls is None:
-        sys.exit(f"--pipeline {path}: unknown pipeline class {name!r}")
-    return cls.from_pretrained(path)
-
-
-def default_steps(path: Path) -> int:
-    config = path.parent / "config.yaml"
-    if config.is_file():
-        return int((yaml.safe_load(config.read_text()).get("train") or {}).get("sample_steps", 50))
-    return 50
+from pipelines.sampling import (image_labels, is_conditional, load_pipeline, sample_images,
+                                training_config)
 
 
 def main() -> None:
@@ -62,37 +40,29 @@ def main() -> None:
     args = parser.parse_args()
 
     accelerator = Accelerator()
-    pipe = load_pipeline(args.pipeline).to(accelerator.device)
+    try:
+        pipe = load_pipeline(args.pipeline).to(accelerator.device)
+    except ValueError as e:
+        sys.exit(str(e))
     pipe.set_progress_bar_config(disable=True)
-    conditional = isinstance(pipe, pipelines.ClassConditionalLatentDiffusionPipeline)
+    conditional = is_conditional(pipe)
     if not conditional and args.class_labels:
         sys.exit("--class-labels: this pipeline is unconditional")
-    steps = args.steps or default_steps(args.pipeline)
+    given = [int(c) for c in args.class_labels.split(",")] if args.class_labels else None
+    steps = args.steps or int((training_config(args.pipeline).get("train") or {})
+                              .get("sample_steps", 50))
     mine = list(range(args.num_images))[accelerator.process_index::accelerator.num_processes]
     args.out.mkdir(parents=True, exist_ok=True)
-    names = {}
     for start in tqdm(range(0, len(mine), args.batch_size), disable=not
                       accelerator.is_local_main_process, desc=f"sampling ({steps} steps)"):
         ids = mine[start:start + args.batch_size]
-        generators = [torch.Generator(accelerator.device).manual_seed(args.seed + i) for i in ids]
-        if conditional:
-            if args.class_labels:
-                given = [int(c) for c in args.class_labels.split(",")]
-                batch_labels = [given[i % len(given)] for i in ids]
-            else:
-                batch_labels = [int(torch.randint(pipe.num_classes, (1,), generator=
-                                                  torch.Generator().manual_seed(args.seed + i)))
-                                for i in ids]
-            images = pipe(batch_labels, guidance_scale=args.guidance_scale,
-                          num_inference_steps=steps, eta=args.eta, generator=generators,
-                          output_type="pil").images
-        else:
-            batch_labels = [None] * len(ids)
-            images = pipe(batch_size=len(ids), num_inference_steps=steps, eta=args.eta,
-                          generator=generators, output_type="pil").images
-        for i, label, image in zip(ids, batch_labels, images):
-            names[i] = f"{i:06d}" + (f"_class{label}" if label is not None else "") + ".png"
-            image.save(args.out / names[i])
+        labels = image_labels(ids, args.seed, pipe.num_classes, given) if conditional else None
+        images = sample_images(pipe, ids, seed=args.seed, steps=steps, eta=args.eta,
+                               guidance_scale=args.guidance_scale, labels=labels,
+                               output_type="pil")
+        for k, (i, image) in enumerate(zip(ids, images)):
+            suffix = f"_class{labels[k]}" if conditional else ""
+            image.save(args.out / f"{i:06d}{suffix}.png")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = sorted(args.out.glob("[0-9]*.png"))[:64]

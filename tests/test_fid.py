@@ -6,25 +6,12 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-import torch_fidelity.feature_extractor_inceptionv3 as fe
 from scipy import linalg
 
 from tokenizer import VQTokenizer
 from tokenizer.data import build_dataset
 from tokenizer.evaluate import evaluate_tokenizer
 from tokenizer.fid import INCEPTION_FILE, find_inception_weights, frechet_distance, load_inception
-
-
-@pytest.fixture(scope="module")
-def fake_inception_file(tmp_path_factory):
-    torch.manual_seed(0)
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict",
-                              lambda self, state: None):
-        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    path = tmp_path_factory.mktemp("weights") / INCEPTION_FILE
-    torch.save(model.state_dict(), path)
-    return path
 
 
 def test_frechet_distance_matches_the_closed_form_for_gaussians():

@@ -15,6 +15,7 @@ from diffusion.latent_cache import LatentCache, measure_scaling_factor
 from diffusion.train import parse_recipe
 from launch import ROOT
 from pipelines import ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline
+from pipelines.sampling import training_config
 from tokenizer import VQTokenizer
 from tokenizer.config import ConfigError
 
@@ -72,6 +73,10 @@ def test_train_export_and_exact_resume(tmp_path, tokenizer_dir, num_classes):
     assert pipe.vqvae.config.scaling_factor == pytest.approx(scale)
     assert scale != 1.0
     assert (pipe.unet.config.num_class_embeds or 0) == (num_classes + 1 if num_classes else 0)
+    # it carries its training configs (eval_fid.py's defaults) and a model card listing them
+    assert training_config(run_dir / "pipeline") == yaml.safe_load(config.read_text())
+    card = (run_dir / "pipeline" / "README.md").read_text()
+    assert cls.__name__ in card and "### diffusion" in card and "Not evaluated yet" in card
 
     # resume from step 2 (the cache is rebuilt from scratch and must come out the same)
     resumed = tmp_path / "resumed"
@@ -119,6 +124,8 @@ def test_labels_beyond_num_classes_are_refused(tmp_path, tokenizer_dir):
     ({"train": {"label_dropout": 1.5}}, "train.label_dropout"),
     ({"train": {"ema_decay": 1.0}}, "train.ema_decay"),
     ({"sampling": {}}, "unknown section"),
+    ({"eval": {"reference_part": "test"}}, "eval.reference_part"),
+    ({"eval": {"num_sample": 10}}, "eval.num_sample"),
 ])
 def test_bad_diffusion_configs_name_the_key(change, message):
     config = json.loads(json.dumps(TINY))

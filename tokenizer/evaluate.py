@@ -39,8 +39,8 @@ def evaluate_tokenizer(model: VQTokenizer, dataset: Dataset, batch_size: int = 3
         if lpips is not None:
             sums["lpips"] += lpips(recon, x).sum().item()
         if inception is not None:
-            real.append(inception_features(inception, x))
-            fake.append(inception_features(inception, recon))
+            real.append(inception_features(inception, x)["2048"])
+            fake.append(inception_features(inception, recon)["2048"])
         n += len(x)
         if max_images is not None and n >= max_images:
             break

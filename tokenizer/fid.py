@@ -1,5 +1,9 @@
-"""Fréchet Inception Distance with torch-fidelity's Inception v3 ("inception-v3-compat", 2048
-pool features, the network of the original TensorFlow FID), fed batch by batch."""
+"""FID, KID, Inception Score and precision/recall with torch-fidelity's Inception v3
+("inception-v3-compat": the network of the original TensorFlow FID), fed batch by batch.
+
+torch-fidelity extracts the features and computes the metrics (its ``*_features_to_metric``
+functions); we only feed it: features are computed wherever the images are (several processes,
+a generator that writes no files) and reused (cached reference features)."""
 
 from __future__ import annotations
 
@@ -42,11 +46,14 @@ def _state_dict_source(state_dict: dict):
 
 
 def load_inception(weights: str | os.PathLike | None = None,
-                   device: torch.device | str = "cpu") -> torch.nn.Module:
+                   device: torch.device | str = "cpu", logits: bool = False) -> torch.nn.Module:
+    """The Inception feature extractor: 2048-d pool features, plus the 1008 "logits_unbiased"
+    the Inception Score needs if ``logits``."""
     path = find_inception_weights(weights)
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     with _state_dict_source(state_dict) as cls:
-        model = cls("inception-v3-compat", ["2048"])
+        model = cls("inception-v3-compat", ["2048", "logits_unbiased"] if logits else ["2048"])
+    model.weights_path = path
     return model.eval().to(device)
 
 
@@ -57,10 +64,12 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def inception_features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """2048-d pool features (float64, on the CPU) of [-1, 1] images."""
+def inception_features(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The model's features of [-1, 1] images, by name ("2048", "logits_unbiased"): float32 on
+    the CPU."""
     device = next(model.parameters()).device
-    return model(to_uint8(images).to(device))[0].double().cpu()
+    outputs = model(to_uint8(images).to(device))
+    return {name: out.float().cpu() for name, out in zip(model.features_list, outputs)}
 
 
 def frechet_distance(features_a: torch.Tensor | np.ndarray,
@@ -68,5 +77,47 @@ def frechet_distance(features_a: torch.Tensor | np.ndarray,
     """FID between two feature sets (N×D each), via torch-fidelity's statistics."""
     from torch_fidelity.metric_fid import (KEY_METRIC_FID, fid_features_to_statistics,
                                            fid_statistics_to_metric)
-    stats = [fid_features_to_statistics(torch.as_tensor(f)) for f in (features_a, features_b)]
+    stats = [fid_features_to_statistics(torch.as_tensor(f).double()) for f in (features_a, features_b)]
     return float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
+
+
+def class_averaged_fid(features_a: torch.Tensor, labels_a: torch.Tensor,
+                       features_b: torch.Tensor, labels_b: torch.Tensor) -> dict:
+    """FID of each class (the images of class c in both sets) and their mean, as LooC reports
+    ImageNet (Tab. 11). Classes with fewer than two images in either set are left out."""
+    per_class = {}
+    for c in sorted(set(labels_a.tolist()) & set(labels_b.tolist())):
+        a, b = features_a[labels_a == c], features_b[labels_b == c]
+        if c >= 0 and len(a) >= 2 and len(b) >= 2:
+            per_class[int(c)] = frechet_distance(a, b)
+    if not per_class:
+        raise ValueError("per-class FID needs labelled reference images and at least two images "
+                         "of a class in both sets")
+    return {"class_averaged_fid": float(np.mean(list(per_class.values()))),
+            "per_class_fid": per_class}
+
+
+def fidelity_metrics(generated: dict[str, torch.Tensor], reference: torch.Tensor, *,
+                     kid: bool = False, isc: bool = False, prc: bool = False,
+                     seed: int = 2020) -> dict:
+    """FID of the generated "2048" features against the reference's, and, if asked, KID (100
+    subsets of min(1000, N) images), the Inception Score (10 splits of the "logits_unbiased"),
+    and precision/recall (k = 3). Precision/recall use the Inception pool features, as ADM's
+    evaluation suite does (torch-fidelity's own default is VGG16)."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+    fake = generated["2048"]
+    report = {"fid": frechet_distance(fake, reference)}
+    if kid:
+        size = min(1000, len(fake), len(reference))
+        report.update(kid_features_to_metric(fake, reference, kid_subset_size=size,
+                                             rng_seed=seed, verbose=False))
+        report["kid_subset_size"] = size
+    if isc:
+        if "logits_unbiased" not in generated:
+            raise ValueError("the Inception Score needs load_inception(..., logits=True)")
+        report.update(isc_features_to_metric(generated["logits_unbiased"], rng_seed=seed))
+    if prc:
+        report.update(prc_features_to_metric(fake, reference, verbose=False))
+    return report

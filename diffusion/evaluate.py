@@ -1,0 +1,216 @@
+"""Generation FID (and KID, IS, precision/recall, per-class FID) of a pipeline against its data.
+
+Samples stream from the pipeline into torch-fidelity's Inception v3 batch by batch (no image
+files); the features are gathered once across processes, in image order, so the count is exact
+and the score does not depend on the number of processes. The reference features are computed
+once per (data, part, preprocessing, Inception weights) and cached as safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from pipelines.sampling import image_labels, is_conditional, sample_images
+from tokenizer.config import require
+from tokenizer.data import DataConfig, build_dataset
+from tokenizer.fid import inception_features
+
+CACHE_ENV = "NEVERCOLLAPSE_FID_CACHE"
+
+
+@dataclass
+class EvalConfig:
+    """``eval`` section of a diffusion config: the defaults of ``scripts/eval_fid.py`` (its
+    options override them), i.e. the paper's protocol for that dataset.
+
+    num_samples: generated images (50,000 in LDM, CVQ-VAE and LooC).
+    steps: DDIM steps (null: ``train.sample_steps``).
+    eta: DDIM η (0: deterministic DDIM).
+    guidance_scale: classifier-free guidance of class-conditional models (null:
+      ``train.sample_guidance``).
+    reference_part: the part of the ``data`` section the samples are compared with ("train": the
+      papers' choice for generation FID, or "validation").
+    reference_images: at most this many reference images, a fixed random subset (null: all).
+    """
+
+    num_samples: int = 50000
+    steps: int | None = None
+    eta: float = 0.0
+    guidance_scale: float | None = None
+    reference_part: str = "train"
+    reference_images: int | None = 50000
+
+    def __post_init__(self):
+        require(self.num_samples >= 2, "eval.num_samples", self.num_samples, "must be >= 2")
+        require(self.steps is None or self.steps >= 1, "eval.steps", self.steps,
+                "must be >= 1 or null")
+        require(0 <= self.eta <= 1, "eval.eta", self.eta, "must be in [0, 1]")
+        require(self.guidance_scale is None or self.guidance_scale >= 0, "eval.guidance_scale",
+                self.guidance_scale, "must be >= 0 or null")
+        require(self.reference_part in ("train", "validation"), "eval.reference_part",
+                self.reference_part, 'choose "train" or "validation"')
+        require(self.reference_images is None or self.reference_images >= 2,
+                "eval.reference_images", self.reference_images, "must be >= 2 or null")
+
+
+def default_cache_dir() -> Path:
+    """``$NEVERCOLLAPSE_FID_CACHE``, else ``$XDG_CACHE_HOME/nevercollapse/fid`` (~/.cache)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nevercollapse" / "fid"
+
+
+def file_digest(path: str | os.PathLike, length: int = 16) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def folder_digest(folder: str | os.PathLike, skip: tuple[str, ...] = ("README.md",)) -> str:
+    """Hash of every file under ``folder`` (configs and weights; not the model card)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name not in skip):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        digest.update(file_digest(path, 64).encode())
+    return digest.hexdigest()[:16]
+
+
+def reference_spec(data: DataConfig, part: str, max_images: int | None, weights: str) -> dict:
+    """Everything the reference features depend on: the images (source, split, part and the
+    split's seed and size), their preprocessing (resolution, channels, centre crop, no flip) and
+    the feature extractor's weights."""
+    source = data.source
+    if os.path.exists(source) or source.startswith("lsun:"):
+        source = os.path.abspath(source.removeprefix("lsun:"))
+        source = f"lsun:{source}" if data.source.startswith("lsun:") else source
+    return {"source": source, "split": data.split, "part": part,
+            "validation_size": data.validation_size, "seed": data.seed,
+            "image_column": data.image_column, "label_column": data.label_column,
+            "resolution": data.resolution, "channels": data.channels, "crop": "center",
+            "flip": False, "max_images": max_images,
+            "features": "inception-v3-compat/2048", "inception_weights": weights}
+
+
+def reference_key(spec: dict) -> str:
+    """A readable, unique cache key: ``<source name>-<part>-<resolution>px-<hash of spec>``."""
+    name = re.sub(r"[^A-Za-z0-9]+", "-", Path(spec["source"]).name or spec["source"]).strip("-")
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{name[:40] or 'data'}-{spec['part']}-{spec['resolution']}px-{digest}"
+
+
+def gather_in_order(accelerator: Accelerator, ids: list[int],
+                    values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenate every process's rows (row j of each tensor belongs to item ``ids[j]``) and
+    sort them by item id, on the CPU. Uneven shares are padded for the collective and dropped."""
+    index = torch.tensor(ids, dtype=torch.long)
+    if accelerator.num_processes > 1:
+        device = accelerator.device
+        index = accelerator.gather(accelerator.pad_across_processes(index.to(device),
+                                                                    pad_index=-1)).cpu()
+        values = {k: accelerator.gather(accelerator.pad_across_processes(v.to(device))).cpu()
+                  for k, v in values.items()}
+    keep = index >= 0
+    order = torch.argsort(index[keep])
+    return {k: v[keep][order] for k, v in values.items()}
+
+
+def _concat(parts: dict[str, list[torch.Tensor]], width: dict[str, int]) -> dict:
+    return {k: torch.cat(v) if v else torch.zeros(0, width[k]) if width[k] else
+            torch.zeros(0, dtype=torch.long) for k, v in parts.items()}
+
+
+@dataclass
+class Reference:
+    features: torch.Tensor  # N×2048 float32
+    labels: torch.Tensor    # N int64 (-1: unlabelled)
+    key: str
+    spec: dict
+    path: Path
+    cached: bool            # read from the cache rather than computed
+
+
+@torch.no_grad()
+def reference_features(data: DataConfig, part: str, inception: torch.nn.Module,
+                       accelerator: Accelerator, *, weights: str, max_images: int | None = None,
+                       batch_size: int = 64, cache_dir: str | os.PathLike | None = None,
+                       refresh: bool = False) -> Reference:
+    """Inception features of the reference images, read as for training (same source, split,
+    resolution and channels; centre crop, no flips), from the cache when it holds them."""
+    spec = reference_spec(data, part, max_images, weights)
+    key = reference_key(spec)
+    path = Path(cache_dir or default_cache_dir()) / f"{key}.safetensors"
+    if path.is_file() and not refresh:
+        stored = load_file(path)
+        return Reference(stored["features"], stored["labels"], key, spec, path, cached=True)
+
+    dataset = build_dataset(replace(data, crop="center", flip=False), part)
+    chosen = list(range(len(dataset)))
+    if max_images is not None and len(dataset) > max_images:  # a fixed random subset
+        perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+        chosen = sorted(perm[:max_images].tolist())
+    mine = list(range(len(chosen)))[accelerator.process_index::accelerator.num_processes]
+    parts = {"features": [], "labels": []}
+    loader = DataLoader(Subset(dataset, [chosen[i] for i in mine]), batch_size=batch_size)
+    for batch in tqdm(loader, desc=f"reference features ({part})",
+                      disable=not accelerator.is_local_main_process):
+        parts["features"].append(inception_features(inception, batch["pixel_values"])["2048"])
+        parts["labels"].append(torch.as_tensor(batch["label"]).long())
+    found = gather_in_order(accelerator, mine, _concat(parts, {"features": 2048, "labels": 0}))
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".partial{os.getpid()}")
+        save_file({k: v.contiguous() for k, v in found.items()}, str(partial),
+                  metadata={"spec": json.dumps(spec, sort_keys=True)})
+        os.replace(partial, path)  # atomic: a killed run leaves no half-written entry
+    accelerator.wait_for_everyone()
+    return Reference(found["features"], found["labels"], key, spec, path, cached=False)
+
+
+@torch.no_grad()
+def generated_features(pipe, inception: torch.nn.Module, accelerator: Accelerator, *,
+                       num_samples: int, batch_size: int, seed: int, steps: int, eta: float,
+                       guidance_scale: float, class_labels: list[int] | None = None,
+                       save_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """Features ("2048", and "logits_unbiased" if the Inception model computes them) and labels
+    (-1 for unconditional pipelines) of ``num_samples`` images, image ``i`` drawn from seed
+    ``seed + i`` exactly as ``scripts/sample.py`` draws it; optionally saved as PNGs too."""
+    conditional = is_conditional(pipe)
+    mine = list(range(num_samples))[accelerator.process_index::accelerator.num_processes]
+    names = inception.features_list
+    parts = {name: [] for name in names} | {"labels": []}
+    for start in tqdm(range(0, len(mine), batch_size), desc=f"sampling ({steps} steps)",
+                      disable=not accelerator.is_local_main_process):
+        ids = mine[start:start + batch_size]
+        labels = (image_labels(ids, seed, pipe.num_classes, class_labels) if conditional
+                  else [-1] * len(ids))
+        images = sample_images(pipe, ids, seed=seed, steps=steps, eta=eta,
+                               guidance_scale=guidance_scale, labels=labels,
+                               output_type="pt").float()
+        for name, value in inception_features(inception, images * 2 - 1).items():
+            parts[name].append(value)
+        parts["labels"].append(torch.tensor(labels))
+        if save_dir is not None:
+            _save_pngs(images, ids, labels, Path(save_dir))
+    widths = {name: 2048 if name == "2048" else 1008 for name in names} | {"labels": 0}
+    return gather_in_order(accelerator, mine, _concat(parts, widths))
+
+
+def _save_pngs(images: torch.Tensor, ids: list[int], labels: list[int], folder: Path) -> None:
+    from torchvision.utils import save_image
+    folder.mkdir(parents=True, exist_ok=True)
+    for image, i, label in zip(images, ids, labels):
+        save_image(image, folder / (f"{i:06d}" + (f"_class{label}" if label >= 0 else "") + ".png"))
