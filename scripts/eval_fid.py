@@ -3,9 +3,10 @@
     [accelerate launch] scripts/eval_fid.py --pipeline runs/digits_uncond/pipeline \
         [--reference SOURCE] [--reference-part train] [--reference-images N|all] \
         [--num-samples 50000] [--batch-size 32] [--steps N] [--eta 0] [--guidance-scale S] \
-        [--classes-uniform | --class-labels 1,2,3] [--seed 0] [--inception-weights PATH] \
-        [--kid] [--isc] [--prc] [--per-class] [--save-samples DIR] [--out report.json] \
-        [--cache-dir DIR] [--refresh-reference] [--no-model-card]
+        [--classes-uniform | --class-labels 1,2,3] [--seed 0] [--dtype float32] \
+        [--inception-weights PATH] [--kid] [--isc] [--prc] [--per-class] \
+        [--save-samples DIR] [--out report.json] [--cache-dir DIR] [--refresh-reference] \
+        [--no-model-card]
 
 Defaults come from the ``eval`` and ``data`` sections of the config the pipeline was trained
 with (saved in the folder): the papers' protocol for that dataset. Samples stream into the
@@ -35,6 +36,7 @@ from tokenizer.config import ConfigError, build_dataclass
 from tokenizer.data import DataConfig
 from tokenizer.fid import class_averaged_fid, fidelity_metrics, load_inception
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NO_WEIGHTS = 3  # exit status when the Inception weights cannot be had (scripts/demo.sh uses it)
 
 
@@ -54,6 +56,8 @@ def parse_args() -> argparse.Namespace:
     labels.add_argument("--classes-uniform", action="store_true",
                         help="draw each sample's label uniformly (the default)")
     parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                        help="sample in this precision (the quantizer stays in float32)")
     parser.add_argument("--inception-weights", help="torch-fidelity's Inception weights file")
     parser.add_argument("--kid", action="store_true", help="also Kernel Inception Distance")
     parser.add_argument("--isc", action="store_true", help="also Inception Score")
@@ -120,7 +124,7 @@ def main() -> None:
     args = parse_args()
     accelerator = Accelerator()
     try:
-        pipe = load_pipeline(args.pipeline).to(accelerator.device)
+        pipe = load_pipeline(args.pipeline).to(accelerator.device, DTYPES[args.dtype])
         trained = training_config(args.pipeline)
         config, steps, guidance = protocol(args, trained, pipe)
         data = reference_data(args, trained, pipe)
@@ -166,7 +170,7 @@ def main() -> None:
         "sampling": {"num_samples": config.num_samples, "steps": steps, "eta": config.eta,
                      "guidance_scale": guidance, "seed": args.seed,
                      "class_labels": class_labels or ("uniform" if conditional else None),
-                     "scheduler": type(pipe.scheduler).__name__},
+                     "scheduler": type(pipe.scheduler).__name__, "dtype": args.dtype},
         "reference": {"key": reference.key, "images": len(reference.features),
                       "cached": reference.cached, "cache_file": str(reference.path),
                       **reference.spec},

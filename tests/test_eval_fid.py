@@ -92,7 +92,8 @@ def test_eval_fid_end_to_end_cache_model_card_and_two_processes(tmp_path, fake_i
     one = report(tmp_path / "one.json")
     assert "FID" in first.stdout and one["metrics"]["fid"] > 0
     assert one["sampling"] == {"num_samples": 5, "steps": 2, "eta": 0.0, "guidance_scale": None,
-                               "seed": 0, "class_labels": None, "scheduler": "DDIMScheduler"}
+                               "seed": 0, "class_labels": None, "scheduler": "DDIMScheduler",
+                               "dtype": "float32"}
     assert one["reference"]["images"] == 8 and not one["reference"]["cached"]
     assert one["reference"]["resolution"] == 16 and len(one["pipeline"]["hash"]) == 16
     assert len(list((tmp_path / "samples").glob("*.png"))) == 5
