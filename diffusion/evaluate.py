@@ -128,9 +128,12 @@ def gather_in_order(accelerator: Accelerator, ids: list[int],
     return {k: v[keep][order] for k, v in values.items()}
 
 
-def _concat(parts: dict[str, list[torch.Tensor]], width: dict[str, int]) -> dict:
-    return {k: torch.cat(v) if v else torch.zeros(0, width[k]) if width[k] else
-            torch.zeros(0, dtype=torch.long) for k, v in parts.items()}
+def _concat(parts: dict[str, list[torch.Tensor]], widths: dict[str, int]) -> dict:
+    """Concatenate each list of batches; a process with no items (more processes than items)
+    gets empty tensors of the right shape (``widths[name]`` columns; 0: a vector of labels)."""
+    def empty(width):
+        return torch.zeros(0, width) if width else torch.zeros(0, dtype=torch.long)
+    return {k: torch.cat(v) if v else empty(widths[k]) for k, v in parts.items()}
 
 
 @dataclass
