@@ -131,12 +131,10 @@ class DiffusionRecipe:
 
 def parse_recipe(raw: dict) -> DiffusionRecipe:
     check_sections(raw, SECTIONS)
-    recipe = DiffusionRecipe(build_dataclass(UNetConfig, "unet", raw.get("unet")),
-                             build_dataclass(DataConfig, "data", raw.get("data")),
-                             build_dataclass(CacheConfig, "cache", raw.get("cache")),
-                             build_dataclass(DiffusionTrainConfig, "train", raw.get("train")))
-    check_source_exists(recipe.data)
-    return recipe
+    return DiffusionRecipe(build_dataclass(UNetConfig, "unet", raw.get("unet")),
+                           build_dataclass(DataConfig, "data", raw.get("data")),
+                           build_dataclass(CacheConfig, "cache", raw.get("cache")),
+                           build_dataclass(DiffusionTrainConfig, "train", raw.get("train")))
 
 
 def load_tokenizer(path: str | Path) -> VQTokenizer:
@@ -164,6 +162,7 @@ def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_d
                     resume: str | None = None, raw_config: dict | None = None) -> Path:
     """Encode the data once, train the UNet, checkpoint, and export ``output_dir/pipeline``."""
     cfg = recipe.train
+    check_source_exists(recipe.data)  # before anything is built (configs may name absent data)
     output_dir = Path(output_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_compatible(recipe, tokenizer)

@@ -102,9 +102,11 @@ def test_kill_and_resume_chain_matches_an_uninterrupted_run(stage, tmp_path, req
         resume = ["--resume", "latest"] if i else []
         env = {"NEVERCOLLAPSE_TEST_CHECKPOINT_PAUSE": "60"} if event == "kill-while-writing" \
             else {}
+        started = time.time()
         run = Run(main, argv + resume, tmp_path / f"{i}.log", **env)
-        if event == "kill-while-writing":
-            wait_for(lambda: partials(ck), run, "a .partial checkpoint")
+        if event == "kill-while-writing":  # a .partial of this run, not one left by a kill
+            wait_for(lambda: [p for p in partials(ck) if p.stat().st_mtime >= started], run,
+                     "a .partial checkpoint")
             time.sleep(rng.uniform(0, 0.3))  # in save_state or in the pause before the marker
             assert partials(ck), "still writing"
             run.process.kill()

@@ -18,6 +18,7 @@ from launch import ROOT
 from pipelines import ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline
 from tokenizer import VQTokenizer
 from tokenizer.config import ConfigError
+from tokenizer.data import check_source_exists
 from test_train_tokenizer import ALLOWED
 
 TINY = {
@@ -131,7 +132,7 @@ def test_bad_diffusion_configs_name_the_key(change, message):
     for section, values in change.items():
         config.setdefault(section, {}).update(values)
     with pytest.raises(ConfigError, match=message) as error:
-        parse_recipe(config)
+        check_source_exists(parse_recipe(config).data)  # all a run checks before building
     text = str(error.value)
     assert "\n" not in text and re.search(ALLOWED, text), text  # one line, says what is allowed
 

@@ -19,6 +19,7 @@ from faults import Run, script
 from launch import ROOT
 from tokenizer import VQTokenizer
 from tokenizer.config import ConfigError
+from tokenizer.data import check_source_exists
 from tokenizer.losses import VQGANLoss
 from tokenizer.train import parse_recipe
 
@@ -213,7 +214,7 @@ def test_bad_configs_fail_fast_naming_the_key(change, message):
     for section, values in change.items():
         config.setdefault(section, {}).update(values)
     with pytest.raises(ConfigError, match=message) as error:
-        parse_recipe(config)
+        check_source_exists(parse_recipe(config).data)  # all a run checks before building
     text = str(error.value)
     assert "\n" not in text and re.search(ALLOWED, text), text  # one line, says what is allowed
 

@@ -118,6 +118,8 @@ class Preempted(Exception):
 def check_replicas_agree(accelerator: Accelerator, tensors: dict[str, torch.Tensor]) -> None:
     """Raise, naming them, if any process holds other weights or buffers (e.g. codebooks) than
     process 0: a SHA-256 of each tensor's bytes, gathered and compared exactly."""
+    if accelerator.num_processes == 1:
+        return
     names = sorted(tensors)
     digests = []
     for name in names:
@@ -129,8 +131,7 @@ def check_replicas_agree(accelerator: Accelerator, tensors: dict[str, torch.Tens
     if differ:
         raise RuntimeError(f"processes ended with different {differ[:5]} ({len(differ)} "
                            "tensors); please report this with your config")
-    if accelerator.num_processes > 1:
-        accelerator.print(f"weights identical on all {accelerator.num_processes} processes")
+    accelerator.print(f"weights identical on all {accelerator.num_processes} processes")
 
 
 def start_run(accelerator: Accelerator, output_dir: Path, resume: str | None,

@@ -95,7 +95,6 @@ def parse_recipe(raw: dict) -> TokenizerRecipe:
     loss = build_dataclass(LossConfig, "loss", raw.get("loss"))
     data = build_dataclass(DataConfig, "data", raw.get("data"))
     train = build_dataclass(TrainConfig, "train", raw.get("train"))
-    check_source_exists(data)
     for key in ("resolution", "in_channels", "out_channels", "ch", "z_channels", "embed_dim",
                 "norm_groups"):
         if key in model:
@@ -128,6 +127,7 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
                     resume: str | None = None, raw_config: dict | None = None) -> Path:
     """Train, checkpoint, and export ``output_dir/tokenizer``; returns that folder."""
     cfg = recipe.train
+    check_source_exists(recipe.data)  # before anything is built (configs may name absent data)
     output_dir = Path(output_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
