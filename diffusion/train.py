@@ -29,9 +29,10 @@ from pipelines.sampling import TRAINING_CONFIG
 from tokenizer import VQTokenizer
 from tokenizer.checkpoints import save_checkpoint
 from tokenizer.config import ConfigError, build_dataclass, check_sections, require
-from tokenizer.data import DataConfig
-from tokenizer.loop import (NonFiniteGuard, Progress, all_finite, mean_over_processes,
-                            seeded_batches, start_run)
+from tokenizer.data import DataConfig, check_source_exists
+from tokenizer.loop import (NonFiniteGuard, Preempted, Progress, StopRequest, all_finite,
+                            check_replicas_agree, mean_over_processes, seeded_batches,
+                            start_run)
 
 from .evaluate import EvalConfig
 from .latent_cache import build_latent_cache, measure_scaling_factor
@@ -168,6 +169,7 @@ def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_d
                     resume: str | None = None, raw_config: dict | None = None) -> Path:
     """Encode the data once, train the UNet, checkpoint, and export ``output_dir/pipeline``."""
     cfg = recipe.train
+    check_source_exists(recipe.data)  # before anything is built (configs may name absent data)
     output_dir = Path(output_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_compatible(recipe, tokenizer)
@@ -203,10 +205,10 @@ def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_d
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
     ema.to(accelerator.device)
     progress = Progress()
-    accelerator.register_for_checkpointing(progress, ema)
+    states = {"progress": progress, "ema": ema}  # beside accelerate's state, loaded weights_only
 
     run_config = raw_config or {k: asdict(getattr(recipe, k)) for k in SECTIONS}
-    checkpoints = start_run(accelerator, output_dir, resume, run_config)
+    checkpoints = start_run(accelerator, output_dir, resume, run_config, states)
 
     noise_schedule = training_scheduler()
     batches = seeded_batches(cache, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
@@ -214,51 +216,70 @@ def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_d
     bar = tqdm(total=cfg.max_steps, initial=progress.step,
                disable=not accelerator.is_local_main_process, desc="diffusion")
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, checkpoints, accelerator)
-    while progress.step < cfg.max_steps:
-        for _ in range(cfg.gradient_accumulation_steps):
-            batch = next(batches)
-            latents = batch["latents"].to(accelerator.device) * scale
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(latents),),
-                              device=latents.device)
-            noisy = noise_schedule.add_noise(latents, noise, t)
-            labels = None
-            if num_classes:  # label dropout trains the null class (classifier-free guidance)
-                labels = batch["label"].to(accelerator.device)
-                drop = torch.rand(len(labels), device=labels.device) < cfg.label_dropout
-                labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
-            with accelerator.accumulate(unet):
-                prediction = unet(noisy, t, class_labels=labels).sample
-                loss = F.mse_loss(prediction.float(), noise.float())
-                finite = all_finite(accelerator, loss)
-                if not finite:
-                    break
-                accelerator.backward(loss)
-                if cfg.max_grad_norm is not None and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-        if not guard.update(finite, progress.step):
-            continue
-        ema.step(unet.parameters())
-        progress.step += 1
-        bar.update(1)
-        if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
-            logs = mean_over_processes(accelerator, {"loss": loss.item()})
-            logs.update(lr=lr_schedule.get_last_lr()[0], ema_decay=ema.cur_decay_value or 0.0)
-            accelerator.log(logs, step=progress.step)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}")
-        if accelerator.is_main_process and (progress.step % cfg.sample_every == 0
-                                            or progress.step == cfg.max_steps):
-            with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer,
-                               num_classes) as pipe:
-                _save_grid(pipe, cfg, num_classes,
-                           output_dir / "images" / f"step_{progress.step:08d}.png")
-        if progress.step % cfg.checkpoint_every == 0 or progress.step == cfg.max_steps:
-            save_checkpoint(accelerator, checkpoints, progress.step, cfg.keep_checkpoints)
+    stop, saved_at = StopRequest(accelerator), None
+    try:
+        while progress.step < cfg.max_steps:
+            if stop.requested():  # pre-empted: save where we are, on every process together
+                if saved_at != progress.step:
+                    save_checkpoint(accelerator, checkpoints, progress.step, cfg.keep_checkpoints,
+                                    states)
+                raise Preempted(f"stopped by SIGTERM at step {progress.step}; checkpoint saved in "
+                                f"{checkpoints}, continue with --resume latest")
+            for _ in range(cfg.gradient_accumulation_steps):
+                batch = next(batches)
+                latents = batch["latents"].to(accelerator.device) * scale
+                noise = torch.randn_like(latents)
+                t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(latents),),
+                                  device=latents.device)
+                noisy = noise_schedule.add_noise(latents, noise, t)
+                labels = None
+                if num_classes:  # label dropout trains the null class (classifier-free guidance)
+                    labels = batch["label"].to(accelerator.device)
+                    drop = torch.rand(len(labels), device=labels.device) < cfg.label_dropout
+                    labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+                with accelerator.accumulate(unet):
+                    prediction = unet(noisy, t, class_labels=labels).sample
+                    loss = F.mse_loss(prediction.float(), noise.float())
+                    finite = all_finite(accelerator, loss)
+                    if not finite:
+                        break
+                    accelerator.backward(loss)
+                    if cfg.max_grad_norm is not None and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+            if not guard.update(finite, progress.step):
+                continue
+            ema.step(unet.parameters())
+            progress.step += 1
+            bar.update(1)
+            if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
+                logs = mean_over_processes(accelerator, {"loss": loss.item()})
+                logs.update(lr=lr_schedule.get_last_lr()[0], ema_decay=ema.cur_decay_value or 0.0)
+                accelerator.log(logs, step=progress.step)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            if accelerator.is_main_process and (progress.step % cfg.sample_every == 0
+                                                or progress.step == cfg.max_steps):
+                with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer,
+                                   num_classes) as pipe:
+                    _save_grid(pipe, cfg, num_classes,
+                               output_dir / "images" / f"step_{progress.step:08d}.png")
+            if progress.step % cfg.checkpoint_every == 0 or progress.step == cfg.max_steps:
+                save_checkpoint(accelerator, checkpoints, progress.step, cfg.keep_checkpoints,
+                                states)
+                saved_at = progress.step
+    except Preempted:
+        bar.close()
+        accelerator.end_training()  # flush the logs
+        raise
+    finally:
+        stop.close()
     bar.close()
 
+    check_replicas_agree(accelerator, {
+        **{f"unet.{k}": v for k, v in accelerator.unwrap_model(unet).state_dict().items()},
+        **{f"ema.{i}": p for i, p in enumerate(ema.shadow_params)}})
     export = output_dir / "pipeline"
     if accelerator.is_main_process:
         with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer, num_classes) as pipe:

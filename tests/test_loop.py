@@ -43,3 +43,39 @@ def test_all_finite_single_process():
     assert all_finite(accelerator, torch.tensor(1.0))
     assert not all_finite(accelerator, torch.tensor(float("nan")))
     assert not all_finite(accelerator, torch.tensor(float("inf")))
+
+
+def test_sigterm_sets_a_stop_flag_and_the_handler_is_restored():
+    import os
+    import signal
+
+    from accelerate import Accelerator
+
+    from tokenizer.loop import StopRequest
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopRequest(Accelerator(cpu=True))
+    assert not stop.requested()
+    os.kill(os.getpid(), signal.SIGTERM)  # handled: only sets the flag
+    assert stop.requested()
+    stop.close()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_diverged_replicas_are_named():
+    from tokenizer.loop import check_replicas_agree
+
+    class TwoProcesses(OneProcess):
+        num_processes = 2
+
+        def gather(self, mine):  # the other process differs in its second tensor
+            other = mine.clone()
+            other[0, 1] += 1
+            return torch.cat([mine, other])
+
+    tensors = {"a": torch.zeros(3), "codebook": torch.ones(2, 2), "z": torch.arange(4)}
+    with pytest.raises(RuntimeError, match=r"different \['codebook'\] \(1 tensors\)"):
+        check_replicas_agree(TwoProcesses(printed=[], device="cpu"), tensors)
+    same = TwoProcesses(printed=[], device="cpu")
+    same.gather = lambda mine: torch.cat([mine, mine])
+    check_replicas_agree(same, tensors)
+    assert same.printed == ["weights identical on all 2 processes"]

@@ -1,6 +1,7 @@
 """The diffusion training script end to end on the CPU: tiny tokenizer, tiny UNets."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,12 +13,14 @@ import yaml
 from safetensors.torch import load_file
 
 from diffusion.latent_cache import LatentCache, measure_scaling_factor
-from diffusion.train import parse_recipe
+from diffusion.train import load_tokenizer, parse_recipe
 from launch import ROOT
 from pipelines import ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline
 from pipelines.sampling import training_config
 from tokenizer import VQTokenizer
 from tokenizer.config import ConfigError
+from tokenizer.data import check_source_exists
+from test_train_tokenizer import ALLOWED
 
 TINY = {
     "unet": {"block_out_channels": [16, 16], "layers_per_block": 1,
@@ -126,13 +129,25 @@ def test_labels_beyond_num_classes_are_refused(tmp_path, tokenizer_dir):
     ({"sampling": {}}, "unknown section"),
     ({"eval": {"reference_part": "test"}}, "eval.reference_part"),
     ({"eval": {"num_sample": 10}}, "eval.num_sample"),
+    ({"train": {"max_step": 10}}, "train.max_step.*allowed keys"),
+    ({"train": {"warmup_steps": -1}}, "train.warmup_steps.*must be >= 0"),
+    ({"cache": {"batch_size": 0}}, "cache.batch_size.*must be >= 1"),
+    ({"data": {"source": "./missing_images"}}, "data.source.*no such file or folder"),
 ])
 def test_bad_diffusion_configs_name_the_key(change, message):
     config = json.loads(json.dumps(TINY))
     for section, values in change.items():
         config.setdefault(section, {}).update(values)
-    with pytest.raises(ConfigError, match=message):
-        parse_recipe(config)
+    with pytest.raises(ConfigError, match=message) as error:
+        check_source_exists(parse_recipe(config).data)  # all a run checks before building
+    text = str(error.value)
+    assert "\n" not in text and re.search(ALLOWED, text), text  # one line, says what is allowed
+
+
+def test_a_folder_that_is_not_a_tokenizer_is_refused_before_building(tmp_path):
+    (tmp_path / "tokenizer").mkdir()
+    with pytest.raises(ConfigError, match="not a saved tokenizer folder.*tokenizer/ sub-folder"):
+        load_tokenizer(tmp_path)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "diffusion").glob("*.yaml")),
@@ -142,12 +157,4 @@ def test_every_shipped_diffusion_config_is_valid(path):
     assert recipe.train.max_steps > recipe.train.log_every
 
 
-def test_two_process_training_runs_and_exports(tmp_path, tokenizer_dir):
-    from launch import launch_two_processes
-    config = write_config(tmp_path / "c.yaml", num_classes=10, max_steps=3, batch_size=8)
-    launch_two_processes(ROOT / "scripts" / "train_diffusion.py", "--config", str(config),
-                         "--tokenizer", str(tokenizer_dir), "--output-dir", str(tmp_path / "run"),
-                         port=29557)
-    pipe = ClassConditionalLatentDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
-    assert pipe.num_classes == 10
-    assert LatentCache(tmp_path / "run" / "latents").metadata["count"] == 1700
+# two processes: tests/test_fault_tolerance.py (reference run, SIGKILL, resume)

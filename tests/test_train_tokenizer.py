@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,9 +15,11 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from launch import ROOT, launch_two_processes
+from faults import Run, script
+from launch import ROOT
 from tokenizer import VQTokenizer
 from tokenizer.config import ConfigError
+from tokenizer.data import check_source_exists
 from tokenizer.losses import VQGANLoss
 from tokenizer.train import parse_recipe
 
@@ -134,26 +137,40 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(24):
+    for i in range(21):
         Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
             folder / f"{i}.png")
+    # odd but readable: transparency, 16-bit, grayscale
+    Image.new("RGBA", (20, 20), (10, 200, 30, 128)).save(folder / "rgba.png")
+    Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(folder / "sixteen.png")
+    Image.fromarray(np.full((20, 20), 128, np.uint8)).save(folder / "gray.png")
+    # unreadable: zero bytes, not an image, truncated
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.png").write_text("not an image")
+    whole = (folder / "1.png").read_bytes()
+    (folder / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    # 24 readable images, 4 held out: the 5 steps of 4 read every one of them
     config = write_config(tmp_path / "c.yaml", data__source=str(folder), data__validation_size=4,
-                          train__max_steps=2, train__batch_size=4)
-    done = train(config, tmp_path / "run")
-    output = done.stdout + done.stderr
-    assert "empty.png" in output and "notes.png" in output  # each named in a warning
-    assert "2 unreadable file(s)" in output
+                          train__max_steps=5, train__batch_size=4, train__image_every=100)
+    main = script(ROOT / "scripts" / "train_tokenizer.py")
+    strict = Run(main, ["--config", str(config), "--output-dir", str(tmp_path / "strict"),
+                        "data.strict=true"], tmp_path / "strict.log")
+    assert strict.wait() == 1
+    first = strict.output().strip().splitlines()[-1]
+    assert first.startswith("error: unreadable image") and "empty.png" in first, first
+    assert "strict: false" in first and "Traceback" not in strict.output()
+
+    run = Run(main, ["--config", str(config), "--output-dir", str(tmp_path / "run")],
+              tmp_path / "run.log")
+    assert run.wait() == 0, run.output()[-3000:]
+    output = run.output()
+    for name in ("empty.png", "notes.png", "truncated.png"):  # each named in a warning
+        assert f"skipping unreadable image {folder / name}" in output
+    assert "3 unreadable file(s)" in output  # RGBA, 16-bit and grayscale were all decoded
+    assert (tmp_path / "run" / "tokenizer" / "config.json").is_file()
 
 
-def test_two_process_training_runs_and_exports(tmp_path):
-    # the discriminator and the adaptive weight run under DDP from step 2 on
-    config = write_config(tmp_path / "c.yaml", train__max_steps=4, train__batch_size=4,
-                          loss__disc_start=2)
-    launch_two_processes(ROOT / "scripts" / "train_tokenizer.py", "--config", str(config),
-                         "--output-dir", str(tmp_path / "run"), port=29547)
-    assert (tmp_path / "run" / "tokenizer" / "diffusion_pytorch_model.safetensors").is_file()
+# two processes: tests/test_fault_tolerance.py (reference run, SIGTERM, SIGKILL, resume)
 
 
 BAD = [
@@ -176,7 +193,19 @@ BAD = [
     ({"train": {"batch_size": -4}}, "train.batch_size"),
     ({"train": {"mixed_precision": "fp8"}}, "mixed_precision"),
     ({"train": {"lr": 1e-4}}, "train.lr"),
+    ({"train": {"max_steps": 2.5}}, "train.max_steps.*expected int"),
+    ({"train": {"learning_rate": "fast"}}, "train.learning_rate.*expected float"),
+    ({"model": {"ch": -4}}, "model.ch = -4.*must be >= 1"),
+    ({"model": {"z_channels": 0}}, "model.z_channels = 0.*must be >= 1"),
+    ({"model": {"ch_mult": [1, 0]}}, "model.ch_mult.*must be >= 1"),
+    ({"model": {"quantizer": "looc", "quantizer_options": {"num_codes": 0, "code_dim": 4}}},
+     r"num_codes \(K\) must be an integer >= 1"),
+    ({"model": {"quantizer_options": {"distance": "manhattan"}}}, "distance must be one of"),
+    ({"data": {"resolution": -16}}, "resolution=-16.*integer >= 1"),
+    ({"data": {"source": "/no/such/images"}}, "data.source.*no such file or folder.*accepts"),
 ]
+# how an error says what is allowed instead
+ALLOWED = r"allowed|expected|must|choose|pick|accepts"
 
 
 @pytest.mark.parametrize("change, message", BAD)
@@ -184,8 +213,10 @@ def test_bad_configs_fail_fast_naming_the_key(change, message):
     config = json.loads(json.dumps(TINY))
     for section, values in change.items():
         config.setdefault(section, {}).update(values)
-    with pytest.raises(ConfigError, match=message):
-        parse_recipe(config)
+    with pytest.raises(ConfigError, match=message) as error:
+        check_source_exists(parse_recipe(config).data)  # all a run checks before building
+    text = str(error.value)
+    assert "\n" not in text and re.search(ALLOWED, text), text  # one line, says what is allowed
 
 
 def test_disc_start_beyond_max_steps_warns():

@@ -1,25 +1,65 @@
-"""Atomic, resumable training checkpoints on top of ``accelerator.save_state``.
+"""Atomic, verified, resumable training checkpoints on top of ``accelerator.save_state``.
 
-A checkpoint is written into ``step_XXXXXXXX.partial``, completed with a ``complete.json`` marker,
-and only then renamed to ``step_XXXXXXXX``: a run killed mid-write leaves a ``.partial`` folder
-that is never picked, so ``latest`` is always a complete checkpoint.
+A checkpoint is written into ``step_XXXXXXXX.partial``, completed with a ``complete.json`` marker
+that lists every file and its size, and only then renamed to ``step_XXXXXXXX``: a run killed
+mid-write leaves a ``.partial`` folder that is never picked. On resume the newest checkpoint is
+verified against its marker (files present, sizes equal, safetensors headers readable); a damaged
+one is passed over with a warning for the previous complete one.
+
+Nothing is unpickled: models are safetensors, accelerate loads the optimizer, scheduler and RNG
+states with ``torch.load(weights_only=True)``, and our own states (step counter, EMA) are saved
+next to them here and loaded with ``weights_only=True`` too (accelerate's
+``register_for_checkpointing`` would load them with ``weights_only=False``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import time
+import warnings
 from pathlib import Path
+from typing import Any
 
+import torch
 from accelerate import Accelerator
+from safetensors import safe_open
 
 _NAME = re.compile(r"^step_(\d{8})$")
 MARKER = "complete.json"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, unwritable folder) or read."""
+
+
+def _damage(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be trusted, or None if it is sound."""
+    try:
+        files = json.loads((path / MARKER).read_text()).get("files")
+    except (OSError, ValueError) as e:
+        return f"unreadable {MARKER} ({e})"
+    if files is None:  # written before markers listed files: nothing more to check
+        return None
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception as e:  # safetensors raises its own error types
+                return f"{name} is unreadable ({e})"
+    return None
+
+
 def complete_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints in ``directory``, oldest first."""
+    """Checkpoints in ``directory`` with a marker, oldest first (not yet verified)."""
     if not directory.is_dir():
         return []
     found = [p for p in directory.iterdir()
@@ -28,40 +68,115 @@ def complete_checkpoints(directory: Path) -> list[Path]:
 
 
 def resolve_resume(resume: str | None, directory: Path) -> Path | None:
-    """``None`` → no resume; ``"latest"`` → newest complete checkpoint (or None if there is
-    none); otherwise a checkpoint folder, which must be complete."""
+    """``None`` → no resume; ``"latest"`` → newest sound checkpoint (a damaged one is skipped
+    with a warning; None if there is none); otherwise a checkpoint folder, which must be
+    complete and sound."""
     if not resume:
         return None
     if resume == "latest":
-        found = complete_checkpoints(directory)
-        return found[-1] if found else None
+        for path in reversed(complete_checkpoints(directory)):
+            problem = _damage(path)
+            if problem is None:
+                return path
+            warnings.warn(f"checkpoint {path} is damaged: {problem}; trying the previous one",
+                          stacklevel=2)
+        return None
     path = Path(resume)
     if not (path / MARKER).is_file():
         raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no "
                                 f"{MARKER}); use --resume latest or one of "
                                 f"{[p.name for p in complete_checkpoints(directory)]}")
+    problem = _damage(path)
+    if problem:
+        raise CheckpointError(f"--resume {resume}: damaged checkpoint, {problem}; use "
+                              "--resume latest to take the newest sound one")
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep: int) -> Path:
-    """Save the full training state (all processes must call this) and keep the newest
-    ``keep`` checkpoints."""
+def load_checkpoint(accelerator: Accelerator, path: Path, states: dict[str, Any]) -> None:
+    """Load a checkpoint written by ``save_checkpoint`` (all processes)."""
+    if list(path.glob("custom_checkpoint_*.pkl")):
+        raise CheckpointError(f"{path} was written by an older version that pickled its step "
+                              "counter; pickles are never loaded. Start a fresh run.")
+    accelerator.load_state(str(path))  # models: safetensors; the rest: weights_only=True
+    for name, obj in states.items():
+        obj.load_state_dict(torch.load(path / f"{name}.pt", map_location="cpu",
+                                       weights_only=True))
+        if hasattr(obj, "to"):  # the EMA's shadow weights go back where the model is
+            obj.to(accelerator.device)
+
+
+def _any(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process if ``flag`` is true on any (accelerate.reduce has max, not or)."""
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return accelerator.reduce(t, reduction="max").item() > 0
+
+
+def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep: int,
+                    states: dict[str, Any] | None = None) -> Path:
+    """Save the full training state plus ``states`` (objects with ``state_dict``, identical on
+    every process) and keep the newest ``keep`` checkpoints; all processes must call this. A
+    failed write (disk full, unwritable folder) removes the ``.partial`` folder, leaves the
+    previous checkpoints alone and raises ``CheckpointError`` on every process."""
     final = directory / f"step_{step:08d}"
     partial = directory / f"step_{step:08d}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        directory.mkdir(parents=True, exist_ok=True)
+    error = None
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+            directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        error = e
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
+    if error is None:
+        try:
+            accelerator.save_state(str(partial))
+            if accelerator.is_main_process:
+                for name, obj in (states or {}).items():
+                    torch.save(obj.state_dict(), partial / f"{name}.pt")
+        except OSError as e:
+            error = e
+    # every process must learn of a failure on any, or the next collective would hang
+    if _any(accelerator, error is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(_write_error(directory, step, error))
     if accelerator.is_main_process:
-        (partial / MARKER).write_text(json.dumps({"step": step}))
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+        try:
+            _pause_for_tests()
+            files = {p.name: p.stat().st_size for p in partial.iterdir() if p.is_file()}
+            (partial / MARKER).write_text(json.dumps({"step": step, "files": files}))
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)  # atomic: ``final`` is either absent or complete
+        except OSError as e:
+            error = e
+    if _any(accelerator, error is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(_write_error(directory, step, error))
+    if accelerator.is_main_process:
         for old in complete_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_error(directory: Path, step: int, error: OSError | None) -> str:
+    cause = (f"{error.strerror or error} ({getattr(error, 'filename', None) or directory})"
+             if error is not None else "it failed on another process")
+    previous = complete_checkpoints(directory)
+    kept = (f"the previous checkpoint {previous[-1]} is intact" if previous
+            else "no earlier checkpoint exists")
+    return (f"could not write the step {step} checkpoint in {directory}: {cause}; {kept}. "
+            "Free disk space or choose a writable --output-dir, then use --resume latest.")
+
+
+def _pause_for_tests() -> None:
+    """Tests set NEVERCOLLAPSE_TEST_CHECKPOINT_PAUSE (seconds) to kill a run while the
+    ``.partial`` folder is fully written but not yet marked complete."""
+    pause = os.environ.get("NEVERCOLLAPSE_TEST_CHECKPOINT_PAUSE")
+    if pause:
+        time.sleep(float(pause))
 
 
 def checkpoint_step(path: Path) -> int:

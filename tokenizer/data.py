@@ -108,6 +108,22 @@ class DataConfig:
                                  f"expected {allowed}")
 
 
+class UnreadableImageError(ValueError):
+    """With ``strict: true``, the first image that cannot be read (its name is in the message)."""
+
+
+def check_source_exists(config: DataConfig) -> None:
+    """Raise a ConfigError, before anything is built, if ``data.source`` names a local path
+    (absolute, ``./``, ``~``, ``lsun:PATH``, a .parquet / .arrow file) that does not exist."""
+    from .config import require
+
+    source = config.source
+    path = os.path.expanduser(source[len("lsun:"):] if source.startswith("lsun:") else source)
+    local = source.startswith(("lsun:", "/", ".", "~")) or path.endswith((".parquet", ".arrow"))
+    require(not local or os.path.exists(path), "data.source", source,
+            f"no such file or folder; {ACCEPTED}")
+
+
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
     """Decode ``image`` into 8-bit "L" (channels 1) or "RGB" (3): 16/32-bit integer images are
     rescaled (0..65535 → 0..255, "I" only when above 255), transparency is put on white."""
@@ -161,8 +177,9 @@ class ImageDataset(Dataset):
             except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"
                 name = self.reader.name(j)
                 if self.strict:
-                    raise ValueError(f"cannot decode image {name} ({err}); remove the file or "
-                                     f"set strict: false") from err
+                    raise UnreadableImageError(f"cannot decode image {name} ({err}); remove the "
+                                               "file or "
+                                               "set strict: false") from err
                 warnings.warn(f"skipping unreadable image {name} ({err})", stacklevel=2)
                 self._bad.add(j)
                 self.skipped.append(name)
@@ -220,8 +237,9 @@ class _Folder(_Reader):
         with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
             for path, problem in zip(files, pool.map(_problem, files)):
                 if problem and strict:
-                    raise ValueError(f"unreadable image {path} ({problem}); remove the file or "
-                                     f"set strict: false to skip unreadable images")
+                    raise UnreadableImageError(f"unreadable image {path} ({problem}); remove "
+                                               "the file or set strict: false to skip "
+                                               "unreadable images")
                 if problem:
                     warnings.warn(f"skipping unreadable image {path} ({problem})", stacklevel=4)
                     self.skipped.append(path)

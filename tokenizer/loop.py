@@ -1,21 +1,25 @@
 """Pieces shared by the training loops of both stages: the checkpointed step counter, the
-seeded, resumable batch order, resuming, cross-process reductions and the non-finite guard."""
+seeded, resumable batch order, resuming, cross-process reductions, the non-finite guard, the
+SIGTERM (pre-emption) stop and the end-of-run check that every process holds the same weights."""
 
 from __future__ import annotations
 
+import hashlib
+import signal
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoints import checkpoint_step, resolve_resume
+from .checkpoints import checkpoint_step, load_checkpoint, resolve_resume
 from .config import ConfigError
 
 
 class Progress:
-    """The step counter, saved with every checkpoint (``register_for_checkpointing``)."""
+    """The step counter, saved with every checkpoint (``save_checkpoint(states=...)``)."""
 
     def __init__(self):
         self.step = 0
@@ -87,14 +91,58 @@ class NonFiniteGuard:
         return False
 
 
+class StopRequest:
+    """Pre-emption: SIGTERM sets a flag (the handler does nothing else, so a checkpoint being
+    written is finished); ``requested()`` is true on every process once any process got it, so
+    all stop at the same step and save one checkpoint together."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator, self.flag = accelerator, False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def requested(self) -> bool:
+        t = torch.tensor([float(self.flag)], device=self.accelerator.device)
+        return self.accelerator.reduce(t, reduction="max").item() > 0  # a collective: each step
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after writing a checkpoint; ``--resume latest`` goes on."""
+
+
+def check_replicas_agree(accelerator: Accelerator, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise, naming them, if any process holds other weights or buffers (e.g. codebooks) than
+    process 0: a SHA-256 of each tensor's bytes, gathered and compared exactly."""
+    if accelerator.num_processes == 1:
+        return
+    names = sorted(tensors)
+    digests = []
+    for name in names:
+        data = tensors[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        digests.append(int.from_bytes(hashlib.sha256(data).digest()[:7], "big"))
+    mine = torch.tensor(digests, dtype=torch.int64, device=accelerator.device)
+    every = accelerator.gather(mine.unsqueeze(0))
+    differ = [n for n, column in zip(names, every.T) if len(set(column.tolist())) > 1]
+    if differ:
+        raise RuntimeError(f"processes ended with different {differ[:5]} ({len(differ)} "
+                           "tensors); please report this with your config")
+    accelerator.print(f"weights identical on all {accelerator.num_processes} processes")
+
+
 def start_run(accelerator: Accelerator, output_dir: Path, resume: str | None,
-              config: dict) -> Path:
-    """Resume from a checkpoint if asked (all processes), write the config as run, start the
-    TensorBoard logs; returns the checkpoint folder."""
+              config: dict, states: dict[str, Any]) -> Path:
+    """Resume from a checkpoint if asked (all processes; ``states`` are our own objects saved
+    with it), write the config as run, start the TensorBoard logs; returns the checkpoint
+    folder."""
     checkpoints = output_dir / "checkpoints"
     start = resolve_resume(resume, checkpoints)
     if start is not None:
-        accelerator.load_state(str(start))
+        load_checkpoint(accelerator, start, states)
         accelerator.print(f"resumed from {start} at step {checkpoint_step(start)}")
     elif resume:
         accelerator.print(f"--resume {resume}: no checkpoint in {checkpoints}, starting fresh")

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from .checkpoints import save_checkpoint
-from .loop import (NonFiniteGuard, Progress, all_finite, mean_over_processes,
-                   seeded_batches, start_run)
+from .loop import (NonFiniteGuard, Preempted, Progress, StopRequest, all_finite,
+                   check_replicas_agree, mean_over_processes, seeded_batches, start_run)
 from .config import (ConfigError, build_dataclass, check_section, check_sections, require,
                      signature_hints)
-from .data import DataConfig, build_dataset
+from .data import DataConfig, build_dataset, check_source_exists
 from .losses import LossConfig, VQGANLoss
 from .model import VQTokenizer
 
@@ -95,6 +95,14 @@ def parse_recipe(raw: dict) -> TokenizerRecipe:
     loss = build_dataclass(LossConfig, "loss", raw.get("loss"))
     data = build_dataclass(DataConfig, "data", raw.get("data"))
     train = build_dataclass(TrainConfig, "train", raw.get("train"))
+    for key in ("resolution", "in_channels", "out_channels", "ch", "z_channels", "embed_dim",
+                "norm_groups"):
+        if key in model:
+            require(model[key] >= 1, f"model.{key}", model[key], "must be >= 1")
+    require(model.get("num_res_blocks", 0) >= 0, "model.num_res_blocks",
+            model.get("num_res_blocks"), "must be >= 0")
+    require(all(m >= 1 for m in model.get("ch_mult", [1])), "model.ch_mult",
+            model.get("ch_mult"), "every multiplier must be >= 1")
     try:  # catches impossible architectures and quantizer options, cheaply, on the meta device
         with torch.device("meta"):
             VQTokenizer(**model)
@@ -119,6 +127,7 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
                     resume: str | None = None, raw_config: dict | None = None) -> Path:
     """Train, checkpoint, and export ``output_dir/tokenizer``; returns that folder."""
     cfg = recipe.train
+    check_source_exists(recipe.data)  # before anything is built (configs may name absent data)
     output_dir = Path(output_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -140,11 +149,11 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
         loss_fn.discriminator, opt_d = accelerator.prepare(loss_fn.discriminator, opt_d)
     trained = [model] if opt_d is None else [model, loss_fn.discriminator]
     progress = Progress()
-    accelerator.register_for_checkpointing(progress)
+    states = {"progress": progress}  # saved beside accelerate's state, loaded weights_only
 
     checkpoints = start_run(accelerator, output_dir, resume, raw_config or {
         "model": recipe.model, "loss": asdict(recipe.loss), "data": asdict(recipe.data),
-        "train": asdict(cfg)})
+        "train": asdict(cfg)}, states)
 
     unwrapped = accelerator.unwrap_model(model)
     fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
@@ -153,51 +162,78 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
     bar = tqdm(total=cfg.max_steps, initial=progress.step,
                disable=not accelerator.is_local_main_process, desc="tokenizer")
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, checkpoints, accelerator)
-    while progress.step < cfg.max_steps:
-        step = progress.step
-        for _ in range(cfg.gradient_accumulation_steps):
-            x = next(batches)["pixel_values"].to(accelerator.device)
-            with accelerator.accumulate(*trained):
-                out = model(x)
-                with accelerator.autocast():
-                    g_loss, logs = loss_fn.generator_loss(x, out.sample, out.quantized.loss,
-                                                          unwrapped.last_layer, step)
-                finite = all_finite(accelerator, g_loss)
-                if not finite:
-                    break
-                accelerator.backward(g_loss)
-                if cfg.max_grad_norm is not None and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                opt_g.step()
-                opt_g.zero_grad(set_to_none=True)
-                if opt_d is not None and loss_fn.disc_active(step):
+    stop, saved_at = StopRequest(accelerator), None
+    try:
+        while progress.step < cfg.max_steps:
+            if stop.requested():  # pre-empted: save where we are, on every process together
+                if saved_at != progress.step:
+                    save_checkpoint(accelerator, checkpoints, progress.step, cfg.keep_checkpoints,
+                                    states)
+                raise Preempted(f"stopped by SIGTERM at step {progress.step}; checkpoint saved in "
+                                f"{checkpoints}, continue with --resume latest")
+            step = progress.step
+            for _ in range(cfg.gradient_accumulation_steps):
+                x = next(batches)["pixel_values"].to(accelerator.device)
+                with accelerator.accumulate(*trained):
+                    out = model(x)
                     with accelerator.autocast():
-                        d_loss, d_logs = loss_fn.discriminator_loss(x, out.sample.detach(), step)
-                    accelerator.backward(d_loss)
-                    opt_d.step()
-                    opt_d.zero_grad(set_to_none=True)
-                    logs.update(d_logs)
-        if not guard.update(finite, step):
-            continue
-        progress.step += 1
-        bar.update(1)
+                        g_loss, logs = loss_fn.generator_loss(x, out.sample, out.quantized.loss,
+                                                              unwrapped.last_layer, step)
+                    finite = all_finite(accelerator, g_loss)
+                    if not finite:
+                        break
+                    accelerator.backward(g_loss)
+                    if cfg.max_grad_norm is not None and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    opt_g.step()
+                    opt_g.zero_grad(set_to_none=True)
+                    if opt_d is not None and loss_fn.disc_active(step):
+                        with accelerator.autocast():
+                            d_loss, d_logs = loss_fn.discriminator_loss(x, out.sample.detach(),
+                                                                        step)
+                        accelerator.backward(d_loss)
+                        opt_d.step()
+                        opt_d.zero_grad(set_to_none=True)
+                        logs.update(d_logs)
+            if not guard.update(finite, step):
+                continue
+            progress.step += 1
+            bar.update(1)
 
-        if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
-            counts = accelerator.reduce(out.quantized.counts.float(), reduction="sum")
-            p = counts / counts.sum()
-            logs["usage"] = (counts > 0).float().mean().item()
-            logs["perplexity"] = torch.exp(-(p * p.clamp(min=1e-10).log()).sum()).item()
-            logs = mean_over_processes(accelerator, logs)
-            accelerator.log(logs, step=progress.step)
-            bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("total", "nll", "usage", "perplexity")
-                             if k in logs})
-        if accelerator.is_main_process and (progress.step % cfg.image_every == 0
-                                            or progress.step == cfg.max_steps):
-            _save_grid(unwrapped, fixed, output_dir / "images" / f"step_{progress.step:08d}.png")
-        if progress.step % cfg.checkpoint_every == 0 or progress.step == cfg.max_steps:
-            save_checkpoint(accelerator, checkpoints, progress.step, cfg.keep_checkpoints)
+            if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
+                counts = accelerator.reduce(out.quantized.counts.float(), reduction="sum")
+                p = counts / counts.sum()
+                logs["usage"] = (counts > 0).float().mean().item()
+                logs["perplexity"] = torch.exp(-(p * p.clamp(min=1e-10).log()).sum()).item()
+                logs = mean_over_processes(accelerator, logs)
+                accelerator.log(logs, step=progress.step)
+                bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("total", "nll", "usage",
+                                                                "perplexity") if k in logs})
+            if accelerator.is_main_process and (progress.step % cfg.image_every == 0
+                                                or progress.step == cfg.max_steps):
+                _save_grid(unwrapped, fixed,
+                           output_dir / "images" / f"step_{progress.step:08d}.png")
+            if progress.step % cfg.checkpoint_every == 0 or progress.step == cfg.max_steps:
+                save_checkpoint(accelerator, checkpoints, progress.step, cfg.keep_checkpoints,
+                                states)
+                saved_at = progress.step
+    except Preempted:
+        bar.close()
+        accelerator.end_training()  # flush the logs
+        raise
+    finally:
+        stop.close()
     bar.close()
 
+    replicas = {f"model.{k}": v for k, v in unwrapped.state_dict().items()}
+    if opt_d is not None:
+        discriminator = accelerator.unwrap_model(loss_fn.discriminator)
+        # DDP broadcasts buffers (BatchNorm statistics) from process 0 before every forward, so
+        # after the last one each process holds its own; do that broadcast once more
+        for buffer in discriminator.buffers():
+            buffer.copy_(broadcast(buffer.clone(), from_process=0))
+        replicas.update({f"discriminator.{k}": v for k, v in discriminator.state_dict().items()})
+    check_replicas_agree(accelerator, replicas)
     export = output_dir / "tokenizer"
     if accelerator.is_main_process:
         unwrapped.save_pretrained(export)
