@@ -57,12 +57,12 @@ PAPERS = {
     "VQ 1024x128": ("CVQ-VAE Tab. 1 / LooC Tab. 1", _VQ_PAPER),
     "CVQ 1024x128 (online)": ("CVQ-VAE Tab. 3 D", dict(ssim=0.9823, lpips=0.0236, rfid=2.23)),
     "CVQ 1024x128 (offline)": ("CVQ-VAE Tab. 3 C", dict(ssim=0.9810, lpips=0.0253, rfid=2.78)),
-    "LooC 256x4": ("LooC Tab. 1", dict(zip(("l1", "lpips", "rfid", "ssim", "psnr"),
+    "LooC 256x4": ("LooC Tab. 1 / Tab. 3", dict(zip(("l1", "lpips", "rfid", "ssim", "psnr"),
                                           _LOOC_TAB3[4]))),
     "LooC 32x4": ("LooC Tab. 1", dict(l1=0.0082, lpips=0.0083, rfid=1.70, ssim=0.9961,
                                       psnr=35.15)),
     **{f"LooC 256x{d}": ("LooC Tab. 3", dict(zip(("l1", "lpips", "rfid", "ssim", "psnr"), v)))
-       for d, v in _LOOC_TAB3.items()},
+       for d, v in _LOOC_TAB3.items() if d != 4},
     **{f"CVQ {a} ({mode})": ("CVQ-VAE Tab. 4c", dict(rfid=v))
        for mode, by_anchor in _ANCHOR_RFID.items() for a, v in by_anchor.items()},
 }
