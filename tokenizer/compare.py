@@ -1,15 +1,17 @@
 """The quantizer comparison behind the README's first command: the same small VQ-VAE trained on
-the same data with each quantizer, scored on held-out images."""
+the same data with each quantizer, scored on held-out images. ``train`` and ``evaluate`` are
+also the loop of the table reproductions (``tokenizer.reproduce``)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .metrics import CodebookUsage, psnr
+from .metrics import CodebookUsage, psnr, ssim
 from .quantizers import build_quantizer
 from .vqvae import SmallVQVAE
 
@@ -30,38 +32,76 @@ class Result:
     seconds: float
 
 
+def build_model(kind: str, options: dict, in_channels: int = 1, hidden: int = 64,
+                embed_dim: int = 64) -> SmallVQVAE:
+    """The small VQ-VAE (residual hidden = hidden / 4, as 128 → 32 in the papers' code)."""
+    return SmallVQVAE(build_quantizer(kind, **options), in_channels=in_channels, hidden=hidden,
+                      residual_hidden=hidden // 4, embed_dim=embed_dim)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(model: SmallVQVAE, images: torch.Tensor, steps: int, batch_size: int, lr: float,
+          every: int = 0, callback: Callable[[int], None] | None = None) -> float:
+    """``steps`` Adam steps on random batches of ``images`` (drawn with the global CPU RNG, so
+    the batches do not depend on the device) with the papers' VQ-VAE objective,
+    MSE / data variance + quantizer loss. Calls ``callback(step)`` every ``every`` steps (its
+    time is not counted). Returns the training seconds."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    variance = images.var()
+    seconds = 0.0
+    model.train()
+    for step in range(1, steps + 1):
+        start = time.perf_counter()
+        batch = images[torch.randint(0, len(images), (batch_size,)).to(images.device)]
+        recon, q = model(batch)
+        loss = F.mse_loss(recon, batch) / variance + q.loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _synchronize(images.device)
+        seconds += time.perf_counter() - start
+        if callback is not None and every and step % every == 0:
+            callback(step)
+            model.train()
+    return seconds
+
+
+@torch.no_grad()
+def evaluate(model: SmallVQVAE, images: torch.Tensor,
+             chunk: int = 250) -> tuple[dict[str, float], torch.Tensor]:
+    """Codebook usage and perplexity over all of ``images``, and mean PSNR / SSIM / L1 (on
+    [0, 1] pixels). Returns the metrics and the reconstructions (on the CPU)."""
+    model.eval()
+    meter = CodebookUsage(model.quantizer.num_codes)
+    recons = []
+    for part in images.split(chunk):
+        recon, q = model(part)
+        meter.update(q.counts)
+        recons.append(recon.clamp(-1, 1).float().cpu())
+    recon, target = torch.cat(recons), images.float().cpu()
+    scores = {"usage": meter.usage, "perplexity": meter.perplexity,
+              "psnr": sum(psnr(r, t) * len(r) for r, t in zip(recon.split(chunk),
+                                                               target.split(chunk))).item()
+              / len(target),
+              "ssim": ssim(recon, target).mean().item(),
+              "l1": ((recon - target.clamp(-1, 1)).abs() / 2).mean().item()}
+    return scores, recon
+
+
 def train_and_evaluate(name: str, kind: str, options: dict, data: dict[str, torch.Tensor],
                        steps: int = 300, batch_size: int = 128, lr: float = 1e-3,
                        hidden: int = 64, embed_dim: int = 64, seed: int = 0) -> Result:
     """Train for ``steps`` Adam steps on ``data["train"]`` with loss MSE/variance + quantizer
     loss (the papers' VQ-VAE objective), then measure on ``data["val"]``."""
     torch.manual_seed(seed)
-    train, val = data["train"], data["val"]
-    quantizer = build_quantizer(kind, **options)
-    model = SmallVQVAE(quantizer, in_channels=train.shape[1], hidden=hidden,
-                       residual_hidden=hidden // 4, embed_dim=embed_dim)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    variance = train.var()
-    start = time.perf_counter()
-    model.train()
-    for _ in range(steps):
-        batch = train[torch.randint(0, len(train), (batch_size,))]
-        recon, q = model(batch)
-        loss = F.mse_loss(recon, batch) / variance + q.loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    seconds = time.perf_counter() - start
-
-    model.eval()
-    meter = CodebookUsage(quantizer.num_codes)
-    scores = []
-    with torch.no_grad():
-        for chunk in val.split(256):
-            recon, q = model(chunk)
-            meter.update(q.counts)
-            scores.append(psnr(recon, chunk) * len(chunk))
-    return Result(name, meter.usage, meter.perplexity, (sum(scores) / len(val)).item(), seconds)
+    model = build_model(kind, options, data["train"].shape[1], hidden, embed_dim)
+    seconds = train(model, data["train"], steps, batch_size, lr)
+    scores, _ = evaluate(model, data["val"])
+    return Result(name, scores["usage"], scores["perplexity"], scores["psnr"], seconds)
 
 
 def format_table(results: list[Result]) -> str:
