@@ -59,7 +59,8 @@ def main() -> None:
     try:
         data_config = build_dataclass(DataConfig, "data", data)
         lpips = None if args.no_lpips else build_lpips(pretrained=True).to(args.device)
-        inception = None if args.no_fid else load_inception(args.inception_weights, args.device)
+        inception = None if args.no_fid else load_inception(
+            args.inception_weights, args.device, skip_hint=" (or skip rFID with --no-fid)")
     except (ConfigError, FileNotFoundError, RuntimeError) as e:
         sys.exit(str(e))
     dataset = build_dataset(data_config, args.part)

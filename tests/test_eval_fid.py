@@ -3,6 +3,7 @@ pipeline (one and two processes), the model card, and the offline error. The Inc
 is torch-fidelity's, with a random (kaiming) weights file the test writes."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -141,12 +142,13 @@ def test_class_conditional_labels_and_class_averaged_fid(tmp_path, fake_inceptio
 
 def test_missing_weights_stop_before_sampling(tmp_path):
     pipe = save_pipeline(tmp_path / "pipe")
-    env = {**__import__("os").environ, "TORCH_HOME": str(tmp_path / "torch")}
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch")}
     done = eval_fid("--pipeline", pipe, "--num-samples", 4, "--save-samples", tmp_path / "s",
                     ok=False, env=env)
     assert done.returncode == 3
     assert "weights-inception-2015-12-05-6726825d.pth" in done.stderr
     assert "--inception-weights" in done.stderr
+    assert "--no-fid" not in done.stderr  # an option of eval_tokenizer.py, not of this script
     assert not (tmp_path / "s").exists()
 
 

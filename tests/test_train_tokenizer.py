@@ -131,6 +131,7 @@ def test_eval_script_without_inception_weights_says_what_to_do(trained, tmp_path
     assert done.returncode != 0
     assert "weights-inception-2015-12-05-6726825d.pth" in done.stderr
     assert "--inception-weights" in done.stderr and str(tmp_path) in done.stderr
+    assert "--no-fid" in done.stderr
 
 
 def test_corrupt_files_are_skipped_and_counted(tmp_path):

@@ -22,17 +22,17 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
                  + INCEPTION_FILE)
 
 
-def find_inception_weights(path: str | os.PathLike | None = None) -> Path:
+def find_inception_weights(path: str | os.PathLike | None = None, skip_hint: str = "") -> Path:
     """The Inception weights file: ``path`` if given, else the torch hub cache (downloaded there
-    if possible). Raises a ``FileNotFoundError`` that says which file to put where."""
+    if possible). Raises a ``FileNotFoundError`` that says which file to put where (and
+    ``skip_hint``, how to do without, e.g. " (or skip rFID with --no-fid)")."""
     if path is None:
         return cached_weights(INCEPTION_URL, "FID (torch-fidelity's Inception v3)",
-                              "or pass its path with --inception-weights PATH (or skip FID with "
-                              "--no-fid)")
+                              f"or pass its path with --inception-weights PATH{skip_hint}")
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"--inception-weights {path}: no such file. It must be torch-fidelity's "
-            f"{INCEPTION_FILE} ({INCEPTION_URL}); or skip FID with --no-fid.")
+            f"{INCEPTION_FILE} ({INCEPTION_URL}){skip_hint}.")
     return Path(path)
 
 
@@ -46,10 +46,11 @@ def _state_dict_source(state_dict: dict):
 
 
 def load_inception(weights: str | os.PathLike | None = None,
-                   device: torch.device | str = "cpu", logits: bool = False) -> torch.nn.Module:
+                   device: torch.device | str = "cpu", logits: bool = False,
+                   skip_hint: str = "") -> torch.nn.Module:
     """The Inception feature extractor: 2048-d pool features, plus the 1008 "logits_unbiased"
     the Inception Score needs if ``logits``."""
-    path = find_inception_weights(weights)
+    path = find_inception_weights(weights, skip_hint)
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     with _state_dict_source(state_dict) as cls:
         model = cls("inception-v3-compat", ["2048", "logits_unbiased"] if logits else ["2048"])

@@ -127,15 +127,12 @@ def _lpips_scorer(device: torch.device):
 
 
 def _rfid_scorer(device: torch.device):
-    # Only load_inception / inception_features / frechet_distance: fid.py is being refactored.
     from .fid import frechet_distance, inception_features, load_inception
 
     net = load_inception(None, device)
 
     def features(images: torch.Tensor) -> torch.Tensor:
-        parts = [inception_features(net, x) for x in images.split(250)]
-        parts = [p["2048"] if isinstance(p, dict) else p for p in parts]
-        return torch.cat([torch.as_tensor(p) for p in parts])
+        return torch.cat([inception_features(net, x)["2048"] for x in images.split(250)])
 
     return lambda recon, target: frechet_distance(features(target), features(recon))
 
