@@ -6,6 +6,7 @@ how many processes share the work."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,9 +20,10 @@ PIPELINES = {cls.__name__: cls for cls in (LatentDiffusionPipeline,
                                            ClassConditionalLatentDiffusionPipeline)}
 
 
-def load_pipeline(path: str | Path):
+def load_pipeline(path: str | Path, torch_dtype: torch.dtype | None = None):
     """A folder written by ``train_diffusion.py`` (or ``save_pretrained``), loaded through the
-    installed class (no code from the folder runs). ``ValueError`` naming the fix otherwise."""
+    installed class (no code from the folder runs), in ``torch_dtype`` if given (the tokenizer's
+    codebook stays float32). ``ValueError`` naming the fix otherwise."""
     path = Path(path)
     index = path / "model_index.json"
     if not index.is_file():
@@ -32,7 +34,11 @@ def load_pipeline(path: str | Path):
     if name not in PIPELINES:
         raise ValueError(f"--pipeline {path}: unknown pipeline class {name!r}; expected one of "
                          f"{sorted(PIPELINES)}")
-    return PIPELINES[name].from_pretrained(path)
+    if torch_dtype is None:
+        return PIPELINES[name].from_pretrained(path)
+    with warnings.catch_warnings():  # diffusers >= 0.36 prefers dtype=; older ones know only this
+        warnings.filterwarnings("ignore", "`torch_dtype` is deprecated", FutureWarning)
+        return PIPELINES[name].from_pretrained(path, torch_dtype=torch_dtype)
 
 
 TRAINING_CONFIG = "training_config.yaml"

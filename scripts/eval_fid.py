@@ -124,9 +124,7 @@ def main() -> None:
     args = parse_args()
     accelerator = Accelerator()
     try:
-        pipe = load_pipeline(args.pipeline).to(accelerator.device)
-        if args.dtype != "float32":
-            pipe.to(dtype=DTYPES[args.dtype])
+        pipe = load_pipeline(args.pipeline, DTYPES[args.dtype]).to(accelerator.device)
         trained = training_config(args.pipeline)
         config, steps, guidance = protocol(args, trained, pipe)
         data = reference_data(args, trained, pipe)

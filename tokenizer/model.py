@@ -175,6 +175,10 @@ class VQTokenizer(ModelMixin, ConfigMixin):
         always written explicitly (diffusers' 0.18215 default would silently ruin a VQ model).
     """
 
+    # from_pretrained(torch_dtype=float16 / bfloat16) keeps the codebook in float32: nearest-code
+    # search on a rounded codebook would pick other codes than training did
+    _keep_in_fp32_modules = ["vector_quantizer"]
+
     @register_to_config
     def __init__(self, in_channels: int = 3, out_channels: int = 3, resolution: int = 256,
                  ch: int = 128, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
