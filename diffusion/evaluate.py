@@ -81,9 +81,12 @@ def file_digest(path: str | os.PathLike, length: int = 16) -> str:
 
 
 def folder_digest(folder: str | os.PathLike, skip: tuple[str, ...] = ("README.md",)) -> str:
-    """Hash of every file under ``folder`` (configs and weights; not the model card)."""
+    """Hash of every file under ``folder`` (configs and weights; not the model card nor
+    Python's byte-code caches)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name not in skip):
+    files = [p for p in Path(folder).rglob("*") if p.is_file() and p.name not in skip
+             and "__pycache__" not in p.parts]
+    for path in sorted(files):
         digest.update(str(path.relative_to(folder)).encode() + b"\0")
         digest.update(file_digest(path, 64).encode())
     return digest.hexdigest()[:16]
