@@ -239,15 +239,6 @@ def test_missing_vgg_weights_stop_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_benchmark_script_prints_a_table():
-    done = subprocess.run([sys.executable, "scripts/benchmark_tokenizer.py", "--config",
-                           "configs/tokenizer/digits_cvq.yaml", "--batch-size", "2", "--steps",
-                           "1", "--warmup", "1", "--precision", "fp32"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "images/s" in done.stdout and "| configs/tokenizer/digits_cvq.yaml | cpu | 2 |" in done.stdout
-
-
 def test_script_reports_config_errors_in_one_line(tmp_path):
     config = write_config(tmp_path / "c.yaml")
     done = subprocess.run([sys.executable, "scripts/train_tokenizer.py", "--config", str(config),

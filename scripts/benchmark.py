@@ -1,0 +1,377 @@
+"""Speed and memory of the hot paths, as one Markdown table: quantizer forward+backward, tokenizer
+and UNet training steps, sampling, Inception feature extraction.
+
+    python scripts/benchmark.py [--size tiny|real] [--device cuda] [--json rows.json]
+        [--only quantizer,tokenizer,unet,sampling,inception]
+        [--inception-weights PATH | --random-inception] [--tokenizer-config YAML]
+
+--size defaults to "real" (the papers' settings) on CUDA and "tiny" (smoke sizes) on CPU. Times
+are medians over timed steps after warm-up; on CUDA the device is synchronised only around each
+timed step, and peak memory is the growth of torch.cuda.max_memory_allocated over the step
+("-" on CPU). Random weights throughout: these are speeds, not results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("quantizer", "tokenizer", "unet", "sampling", "inception")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def measure(step, device: torch.device, steps: int, warmup: int) -> tuple[float, int | None]:
+    """Median seconds of ``step()`` over ``steps`` calls after ``warmup`` calls, and its peak
+    memory growth in bytes (CUDA; None elsewhere)."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
+    return statistics.median(times), peak
+
+
+def row(family, what, setting, seconds, peak, count, unit, notes="") -> dict:
+    return {"family": family, "what": what, "setting": setting, "seconds": seconds,
+            "throughput": count / seconds, "unit": unit, "peak_bytes": peak, "notes": notes}
+
+
+def skipped(family, what, setting, notes) -> dict:
+    return {"family": family, "what": what, "setting": setting, "seconds": None,
+            "throughput": None, "unit": "", "peak_bytes": None, "notes": notes}
+
+
+# ------------------------------------------------------------------------------------ rows
+
+def bench_quantizer(args, device) -> list[dict]:
+    """Forward + backward of a quantizer on random latents: LooC (chunked and dense search), CVQ,
+    and vector-quantize-pytorch's multi-head VQ at LooC's shape."""
+    from tokenizer.quantizers import build_quantizer
+    from tokenizer.quantizers.search import DEFAULT_MAX_ELEMENTS
+    real = args.size == "real"
+    b, side, k = (32, 16, 1024) if real else (2, 8, 256)
+    looc_c, cvq_d = (256, 256) if real else (32, 32)
+    torch.manual_seed(0)
+
+    def time_quantizer(quantizer, z):
+        def step():
+            out = quantizer(z)
+            (out.z_q.float().pow(2).mean() + out.loss).backward()
+        return measure(step, device, args.steps, args.warmup)
+
+    rows = []
+    n_looc = b * (side * 2) ** 2 * (looc_c // 4)  # beta=2 up-sampling, d*=4 segments
+    # tiny sizes fit one default chunk: search in 8 chunks there so the chunked path runs
+    chunked = DEFAULT_MAX_ELEMENTS if real else n_looc * k // 8
+    for search, max_elements in (("chunked", chunked), ("dense", 2**62)):
+        q = build_quantizer("looc", num_codes=k, code_dim=4, interp_scale=2,
+                            max_search_elements=max_elements).to(device).train()
+        z = torch.randn(b, looc_c, side, side, device=device, requires_grad=True)
+        seconds, peak = time_quantizer(q, z)
+        chunks = math.ceil(n_looc / max(1, max_elements // k))
+        rows.append(row("quantizer", f"LooC fwd+bwd, {search} search",
+                        f"K={k}, d*=4, {b}x{looc_c}x{side}x{side}, beta=2", seconds, peak,
+                        n_looc, "vectors/s", f"N={n_looc:,}, {chunks} chunk(s) of "
+                        f"<= {max_elements // k:,} rows" if chunks > 1 else f"N={n_looc:,}"))
+    q = build_quantizer("cvq", num_codes=k, code_dim=cvq_d).to(device).train()
+    z = torch.randn(b, cvq_d, side, side, device=device, requires_grad=True)
+    seconds, peak = time_quantizer(q, z)
+    n = b * side * side
+    rows.append(row("quantizer", "CVQ fwd+bwd", f"K={k}, d={cvq_d}, {b}x{cvq_d}x{side}x{side}",
+                    seconds, peak, n, "vectors/s", f"N={n:,}, anchors: probabilistic"))
+    what, setting = ("vector-quantize-pytorch fwd+bwd",
+                     f"{looc_c // 4} heads x 1 shared codebook K={k}, d=4, "
+                     f"{b}x{looc_c}x{2 * side}x{2 * side}")
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+    except ImportError:
+        return rows + [skipped("quantizer", what, setting, "not installed")]
+    try:  # a third-party API: a version that differs gives a row that says so, not a crash
+        vq = VectorQuantize(dim=looc_c, codebook_size=k, codebook_dim=4, heads=looc_c // 4,
+                            separate_codebook_per_head=False, accept_image_fmap=True).to(device)
+        z = torch.randn(b, looc_c, 2 * side, 2 * side, device=device, requires_grad=True)
+
+        def vq_step():
+            quantized, _, loss = vq(z)
+            (quantized.pow(2).mean() + loss.sum()).backward()
+        seconds, peak = measure(vq_step, device, args.steps, args.warmup)
+    except (TypeError, ValueError, RuntimeError) as e:
+        return rows + [skipped("quantizer", what, setting, f"failed: {type(e).__name__}: {e}")]
+    return rows + [row("quantizer", what, setting, seconds, peak, n_looc, "vectors/s",
+                       f"N={n_looc:,}")]
+
+
+def tokenizer_step_time(config: str, batch_size: int, precision: str, device: torch.device,
+                        steps: int, warmup: int) -> tuple[float, int | None]:
+    """Median time and peak memory of one full tokenizer training step (generator + discriminator,
+    the GAN on from step 0) of ``config`` on random images, no data loading."""
+    from tokenizer.losses import VQGANLoss
+    from tokenizer.model import VQTokenizer
+    from tokenizer.train import parse_recipe
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recipe = parse_recipe(yaml.safe_load(open(config)))
+    recipe.loss.disc_start = 0  # measure the full GAN step
+    model = VQTokenizer(**recipe.model).to(device).train()
+    try:
+        loss_fn = VQGANLoss(recipe.loss).to(device)
+    except FileNotFoundError:  # no VGG16 weights here: time LPIPS with a random backbone
+        loss_fn = VQGANLoss(recipe.loss, lpips_pretrained=False).to(device)
+    opt_g = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    opt_d = (torch.optim.Adam(loss_fn.discriminator.parameters(), lr=1e-4, betas=(0.5, 0.9))
+             if loss_fn.discriminator is not None else None)
+    r, c = recipe.model.get("resolution", 256), recipe.model.get("in_channels", 3)
+    x = torch.rand(batch_size, c, r, r, device=device) * 2 - 1
+    autocast = dict(device_type=device.type, dtype=DTYPES[precision],
+                    enabled=precision != "fp32")
+
+    def step():
+        with torch.autocast(**autocast):
+            out = model(x)
+            g, _ = loss_fn.generator_loss(x, out.sample, out.quantized.loss, model.last_layer, 0)
+        g.backward()
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        if opt_d is not None:
+            with torch.autocast(**autocast):
+                d, _ = loss_fn.discriminator_loss(x, out.sample.detach(), 0)
+            d.backward()
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+    return measure(step, device, steps, warmup)
+
+
+def bench_tokenizer(args, device) -> list[dict]:
+    """Tokenizer training images/s: fp32 eager against our default (bf16 autocast on CUDA)."""
+    real = args.size == "real"
+    config = args.tokenizer_config or "configs/tokenizer/" + (
+        "ffhq_f16_cvq.yaml" if real else "digits_demo.yaml")
+    batch = 8 if real else 4
+    precisions = ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]
+    rows = []
+    for precision in precisions:
+        path = config if Path(config).is_file() else ROOT / config
+        seconds, peak = tokenizer_step_time(str(path), batch, precision, device,
+                                            args.steps, args.warmup)
+        notes = "G + D step, Adam" + ("; the default on CPU" if device.type != "cuda" else "")
+        label = "eager" if precision == "fp32" else "autocast (default)"
+        rows.append(row("tokenizer", f"tokenizer training, {precision} {label}",
+                        f"{config}, batch {batch}", seconds, peak, batch, "images/s", notes))
+    return rows
+
+
+def bench_unet(args, device) -> list[dict]:
+    """UNet training latents/s: epsilon-prediction MSE, AdamW step."""
+    from diffusion.unet import UNetConfig, build_unet, training_scheduler
+    real = args.size == "real"
+    config = "configs/diffusion/" + ("lsun_churches.yaml" if real else "digits_uncond.yaml")
+    channels, side, batch = (4, 32, 32) if real else (4, 8, 8)
+    unet_config = UNetConfig(**yaml.safe_load(open(ROOT / config))["unet"])
+    torch.manual_seed(0)
+    unet = build_unet(unet_config, channels, side).to(device).train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    scheduler = training_scheduler()
+    x0 = torch.randn(batch, channels, side, side, device=device)
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
+    xt = scheduler.add_noise(x0, noise, t)
+    rows = []
+    for precision in (["fp32", "bf16"] if device.type == "cuda" else ["fp32"]):
+        def step():
+            with torch.autocast(device.type, dtype=DTYPES[precision],
+                                enabled=precision != "fp32"):
+                loss = F.mse_loss(unet(xt, t).sample.float(), noise)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        seconds, peak = measure(step, device, args.steps, args.warmup)
+        rows.append(row("unet", f"UNet training, {precision}",
+                        f"{config} unet, {batch}x{channels}x{side}x{side}", seconds, peak, batch,
+                        "latents/s", f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M "
+                        "params, AdamW"))
+    return rows
+
+
+def bench_sampling(args, device) -> list[dict]:
+    """Sampling images/s: our LatentDiffusionPipeline against diffusers' LDMPipeline on the same
+    components (DDIM, eta 0), plus ours in bf16/fp16 on CUDA."""
+    from diffusers import LDMPipeline
+
+    from diffusion.unet import UNetConfig, build_unet
+    from pipelines import LatentDiffusionPipeline, default_scheduler
+    from tokenizer import VQTokenizer
+    real = args.size == "real"
+    torch.manual_seed(0)
+    if real:
+        raw = yaml.safe_load(open(ROOT / "configs/tokenizer/ffhq_f8_cvq.yaml"))["model"]
+        vqvae = VQTokenizer(**raw)
+        unet = build_unet(UNetConfig(**yaml.safe_load(open(ROOT / "configs/diffusion/ffhq.yaml"))
+                                     ["unet"]), 4, 32)
+        batch, steps, setting = 16, 50, "ffhq.yaml UNet + ffhq_f8_cvq tokenizer, 256px"
+    else:
+        vqvae = VQTokenizer(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                            attn_resolutions=(), z_channels=8, embed_dim=4, norm_groups=4,
+                            quantizer="cvq", quantizer_options={"num_codes": 16})
+        unet = build_unet(UNetConfig(block_out_channels=[16, 16], layers_per_block=1,
+                                     attention_resolutions=[], attention_head_dim=8,
+                                     norm_num_groups=4), 4, 8)
+        batch, steps, setting = 4, 5, "tiny random pipeline, 16px"
+    vqvae, unet = vqvae.eval().to(device), unet.eval().to(device)
+    setting = f"{setting}, batch {batch}, {steps} DDIM steps"
+    ours = LatentDiffusionPipeline(vqvae=vqvae, unet=unet, scheduler=default_scheduler())
+    ldm = LDMPipeline(vqvae=vqvae, unet=unet, scheduler=default_scheduler())
+    variants = [("ours (LatentDiffusionPipeline), fp32", ours, "fp32"),
+                ("diffusers LDMPipeline, fp32", ldm, "fp32")]
+    if device.type == "cuda":
+        variants += [(f"ours (LatentDiffusionPipeline), {p}", ours, p) for p in ("bf16", "fp16")]
+    rows = []
+    for what, pipe, precision in variants:
+        pipe.to(device, DTYPES[precision])  # the components are shared: cast back below
+        pipe.set_progress_bar_config(disable=True)
+
+        def step():
+            pipe(batch_size=batch, num_inference_steps=steps, eta=0.0,
+                 generator=torch.Generator(device).manual_seed(0), output_type="np")
+        seconds, peak = measure(step, device, max(1, args.steps // 2), 1)
+        pipe.to(device, torch.float32)
+        rows.append(row("sampling", what, setting, seconds, peak, batch, "images/s"))
+    return rows
+
+
+def inception_weights(args) -> Path | None:
+    """--inception-weights, else the torch hub cache (no download attempt), else with
+    --random-inception a random-weights file in a temporary folder; None if none of these."""
+    import os
+
+    from tokenizer.fid import INCEPTION_FILE, find_inception_weights
+    from tokenizer.weights import NO_DOWNLOAD
+    if args.inception_weights:
+        return Path(args.inception_weights)
+    old = os.environ.get(NO_DOWNLOAD)
+    os.environ[NO_DOWNLOAD] = "1"
+    try:
+        return find_inception_weights(None)
+    except FileNotFoundError:
+        pass
+    finally:
+        if old is None:
+            del os.environ[NO_DOWNLOAD]
+        else:
+            os.environ[NO_DOWNLOAD] = old
+    if not args.random_inception:
+        return None
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    torch.manual_seed(0)
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict",
+                              lambda self, state: None):
+        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = Path(tempfile.mkdtemp()) / INCEPTION_FILE
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def bench_inception(args, device) -> list[dict]:
+    """Inception v3 (torch-fidelity's) 2048-d features of uint8 images, images/s."""
+    from tokenizer.fid import inception_features, load_inception
+    batch, side = (64, 256) if args.size == "real" else (4, 32)
+    setting = f"batch {batch}, {side}px -> 299px"
+    path = inception_weights(args)
+    if path is None:
+        return [skipped("inception", "Inception v3 features", setting,
+                        "skipped: no weights (--inception-weights PATH or --random-inception)")]
+    model = load_inception(path, device)
+    images = torch.rand(batch, 3, side, side, device=device) * 2 - 1
+    seconds, peak = measure(lambda: inception_features(model, images), device, args.steps,
+                            args.warmup)
+    notes = "random weights" if args.random_inception and not args.inception_weights else ""
+    return [row("inception", "Inception v3 features", setting, seconds, peak, batch, "images/s",
+                notes)]
+
+
+BENCHMARKS = {"quantizer": bench_quantizer, "tokenizer": bench_tokenizer, "unet": bench_unet,
+              "sampling": bench_sampling, "inception": bench_inception}
+
+
+# ------------------------------------------------------------------------------------ output
+
+def table(rows: list[dict], device: torch.device, size: str) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [f"Device: {name} ({device.type}, {torch.get_num_threads()} threads), torch "
+             f"{torch.__version__}, sizes: {size}", "",
+             "| what | setting | time | throughput | peak memory | notes |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        time_ = f"{r['seconds'] * 1000:.1f} ms" if r["seconds"] is not None else "-"
+        rate = f"{r['throughput']:,.1f} {r['unit']}" if r["throughput"] is not None else "-"
+        peak = f"{r['peak_bytes'] / 2**20:,.0f} MiB" if r["peak_bytes"] is not None else "-"
+        lines.append(f"| {r['what']} | {r['setting']} | {time_} | {rate} | {peak} "
+                     f"| {r['notes']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=["tiny", "real"], default=None,
+                        help="default: real on CUDA, tiny elsewhere")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", default=",".join(FAMILIES),
+                        help="comma-separated subset of " + ",".join(FAMILIES))
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 real, "
+                        "3 tiny; sampling uses half)")
+    parser.add_argument("--warmup", type=int, default=None, help="default 3 real, 1 tiny")
+    parser.add_argument("--tokenizer-config", metavar="YAML", help="the tokenizer row's config "
+                        "(default: ffhq_f16_cvq.yaml real, digits_demo.yaml tiny)")
+    parser.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
+    parser.add_argument("--inception-weights", metavar="PATH")
+    parser.add_argument("--random-inception", action="store_true",
+                        help="time Inception with random weights if no weights file is found")
+    args = parser.parse_args()
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.set_verbosity_error()  # casting pipelines to bf16/fp16 warns every time
+    device = torch.device(args.device)
+    args.size = args.size or ("real" if device.type == "cuda" else "tiny")
+    args.steps = args.steps or (10 if args.size == "real" else 3)
+    args.warmup = args.warmup if args.warmup is not None else (3 if args.size == "real" else 1)
+    only = [f.strip() for f in args.only.split(",") if f.strip()]
+    unknown = sorted(set(only) - set(FAMILIES))
+    if unknown:
+        parser.error(f"--only: unknown {unknown}; choose from {','.join(FAMILIES)}")
+    rows = []
+    for family in FAMILIES:
+        if family in only:
+            rows += BENCHMARKS[family](args, device)
+    print(table(rows, device, args.size))
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "size": args.size, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
