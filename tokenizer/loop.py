@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -106,6 +106,15 @@ class StopRequest:
     def requested(self) -> bool:
         t = torch.tensor([float(self.flag)], device=self.accelerator.device)
         return self.accelerator.reduce(t, reduction="max").item() > 0  # a collective: each step
+
+    def stop_if_requested(self, step: int, saved: bool, save: Callable[[], Path]) -> None:
+        """If any process got SIGTERM: save a checkpoint (unless ``saved``: this step's is
+        written) on every process together and raise ``Preempted``."""
+        if self.requested():
+            where = None if saved else save()
+            raise Preempted(f"stopped by SIGTERM at step {step}"
+                            + (f"; checkpoint saved in {where}" if where else "")
+                            + "; continue with --resume latest")
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self.previous)

@@ -165,12 +165,9 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
     stop, saved_at = StopRequest(accelerator), None
     try:
         while progress.step < cfg.max_steps:
-            if stop.requested():  # pre-empted: save where we are, on every process together
-                if saved_at != progress.step:
-                    save_checkpoint(accelerator, checkpoints, progress.step, cfg.keep_checkpoints,
-                                    states)
-                raise Preempted(f"stopped by SIGTERM at step {progress.step}; checkpoint saved in "
-                                f"{checkpoints}, continue with --resume latest")
+            stop.stop_if_requested(progress.step, saved_at == progress.step,
+                                   lambda: save_checkpoint(accelerator, checkpoints, progress.step,
+                                                           cfg.keep_checkpoints, states))
             step = progress.step
             for _ in range(cfg.gradient_accumulation_steps):
                 x = next(batches)["pixel_values"].to(accelerator.device)
