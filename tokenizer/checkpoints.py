@@ -112,6 +112,16 @@ def _any(accelerator: Accelerator, flag: bool) -> bool:
     return accelerator.reduce(t, reduction="max").item() > 0
 
 
+def _fail_together(accelerator: Accelerator, error: OSError | None, partial: Path,
+                   directory: Path, step: int) -> None:
+    """Every process must learn of a failure on any, or the next collective would hang: all
+    raise ``CheckpointError`` and the half-written folder goes."""
+    if _any(accelerator, error is not None):
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointError(_write_error(directory, step, error))
+
+
 def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep: int,
                     states: dict[str, Any] | None = None) -> Path:
     """Save the full training state plus ``states`` (objects with ``state_dict``, identical on
@@ -136,11 +146,7 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep: 
                     torch.save(obj.state_dict(), partial / f"{name}.pt")
         except OSError as e:
             error = e
-    # every process must learn of a failure on any, or the next collective would hang
-    if _any(accelerator, error is not None):
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise CheckpointError(_write_error(directory, step, error))
+    _fail_together(accelerator, error, partial, directory, step)
     if accelerator.is_main_process:
         try:
             _pause_for_tests()
@@ -150,10 +156,7 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep: 
             partial.rename(final)  # atomic: ``final`` is either absent or complete
         except OSError as e:
             error = e
-    if _any(accelerator, error is not None):
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise CheckpointError(_write_error(directory, step, error))
+    _fail_together(accelerator, error, partial, directory, step)
     if accelerator.is_main_process:
         for old in complete_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
