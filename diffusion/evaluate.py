@@ -96,10 +96,9 @@ def reference_spec(data: DataConfig, part: str, max_images: int | None, weights:
     """Everything the reference features depend on: the images (source, split, part and the
     split's seed and size), their preprocessing (resolution, channels, centre crop, no flip) and
     the feature extractor's weights."""
-    source = data.source
-    if os.path.exists(source) or source.startswith("lsun:"):
-        source = os.path.abspath(source.removeprefix("lsun:"))
-        source = f"lsun:{source}" if data.source.startswith("lsun:") else source
+    prefix = "lsun:" if data.source.startswith("lsun:") else ""
+    path = data.source.removeprefix(prefix)  # a local path counts by where it is, not how named
+    source = prefix + os.path.abspath(path) if os.path.exists(path) else data.source
     return {"source": source, "split": data.split, "part": part,
             "validation_size": data.validation_size, "seed": data.seed,
             "image_column": data.image_column, "label_column": data.label_column,

@@ -30,7 +30,7 @@ from tokenizer import VQTokenizer
 from tokenizer.checkpoints import save_checkpoint
 from tokenizer.config import ConfigError, build_dataclass, check_sections, require
 from tokenizer.data import DataConfig, check_source_exists
-from tokenizer.loop import (NonFiniteGuard, Preempted, Progress, StopRequest, all_finite,
+from tokenizer.loop import (NonFiniteGuard, Progress, preemptible, all_finite,
                             check_replicas_agree, mean_over_processes, seeded_batches,
                             start_run)
 
@@ -216,8 +216,8 @@ def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_d
     bar = tqdm(total=cfg.max_steps, initial=progress.step,
                disable=not accelerator.is_local_main_process, desc="diffusion")
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, checkpoints, accelerator)
-    stop, saved_at = StopRequest(accelerator), None
-    try:
+    saved_at = None
+    with preemptible(accelerator, bar) as stop:
         while progress.step < cfg.max_steps:
             stop.stop_if_requested(progress.step, saved_at == progress.step,
                                    lambda: save_checkpoint(accelerator, checkpoints, progress.step,
@@ -266,13 +266,6 @@ def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_d
                 save_checkpoint(accelerator, checkpoints, progress.step, cfg.keep_checkpoints,
                                 states)
                 saved_at = progress.step
-    except Preempted:
-        bar.close()
-        accelerator.end_training()  # flush the logs
-        raise
-    finally:
-        stop.close()
-    bar.close()
 
     check_replicas_agree(accelerator, {
         **{f"unet.{k}": v for k, v in accelerator.unwrap_model(unet).state_dict().items()},

@@ -14,10 +14,8 @@ from pathlib import Path
 
 from diffusion.latent_cache import StaleCacheError
 from diffusion.train import parse_recipe, train_diffusion
-from tokenizer.checkpoints import CheckpointError
 from tokenizer.config import ConfigError, load_recipe
-from tokenizer.data import UnreadableImageError
-from tokenizer.loop import Preempted
+from tokenizer.loop import run_training
 
 
 def main() -> None:
@@ -33,14 +31,8 @@ def main() -> None:
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)
-    try:
-        train_diffusion(recipe, args.tokenizer, output_dir, resume=args.resume, raw_config=raw)
-    except Preempted as e:  # SIGTERM: the state is saved, so this is a clean exit
-        print(e, file=sys.stderr)
-    except (ConfigError, StaleCacheError, FileNotFoundError, ImportError,
-            CheckpointError, FloatingPointError,  # disk full; losses diverged
-            UnreadableImageError) as e:  # data.strict: true
-        sys.exit(f"error: {e}")
+    run_training(lambda: train_diffusion(recipe, args.tokenizer, output_dir, resume=args.resume,
+                                         raw_config=raw), errors=(StaleCacheError,))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from tokenizer.checkpoints import CheckpointError
 from tokenizer.config import ConfigError, load_recipe
-from tokenizer.data import UnreadableImageError
-from tokenizer.loop import Preempted
+from tokenizer.loop import run_training
 from tokenizer.train import parse_recipe, train_tokenizer
 
 
@@ -30,14 +28,7 @@ def main() -> None:
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)
-    try:
-        train_tokenizer(recipe, output_dir, resume=args.resume, raw_config=raw)
-    except Preempted as e:  # SIGTERM: the state is saved, so this is a clean exit
-        print(e, file=sys.stderr)
-    except (ConfigError, FileNotFoundError, ImportError,  # missing weights, data, extras
-            CheckpointError, FloatingPointError,  # disk full; losses diverged
-            UnreadableImageError) as e:  # data.strict: true
-        sys.exit(f"error: {e}")
+    run_training(lambda: train_tokenizer(recipe, output_dir, resume=args.resume, raw_config=raw))
 
 
 if __name__ == "__main__":

@@ -209,15 +209,21 @@ BAD = [
 ALLOWED = r"allowed|expected|must|choose|pick|accepts"
 
 
-@pytest.mark.parametrize("change, message", BAD)
-def test_bad_configs_fail_fast_naming_the_key(change, message):
-    config = json.loads(json.dumps(TINY))
+def assert_config_refused(parse, base: dict, change: dict, message: str) -> None:
+    """``base`` with ``change`` merged in fails everything a run checks before building, in one
+    line matching ``message`` and saying what is allowed."""
+    config = json.loads(json.dumps(base))
     for section, values in change.items():
         config.setdefault(section, {}).update(values)
     with pytest.raises(ConfigError, match=message) as error:
-        check_source_exists(parse_recipe(config).data)  # all a run checks before building
+        check_source_exists(parse(config).data)
     text = str(error.value)
-    assert "\n" not in text and re.search(ALLOWED, text), text  # one line, says what is allowed
+    assert "\n" not in text and re.search(ALLOWED, text), text
+
+
+@pytest.mark.parametrize("change, message", BAD)
+def test_bad_configs_fail_fast_naming_the_key(change, message):
+    assert_config_refused(parse_recipe, TINY, change, message)
 
 
 def test_disc_start_beyond_max_steps_warns():

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,8 +16,9 @@ import yaml
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
-from .checkpoints import checkpoint_step, load_checkpoint, resolve_resume
+from .checkpoints import CheckpointError, checkpoint_step, load_checkpoint, resolve_resume
 from .config import ConfigError
+from .data import UnreadableImageError
 
 
 class Progress:
@@ -122,6 +125,39 @@ class StopRequest:
 
 class Preempted(Exception):
     """Training stopped on SIGTERM after writing a checkpoint; ``--resume latest`` goes on."""
+
+
+# what the training scripts report in one line instead of a traceback
+RUN_ERRORS = (ConfigError, FileNotFoundError, ImportError,  # config; missing weights, data, extras
+              CheckpointError, FloatingPointError,  # disk full; losses diverged
+              UnreadableImageError)  # data.strict: true
+
+
+def run_training(train: Callable[[], object], errors: tuple[type[Exception], ...] = ()) -> None:
+    """A script's call of a trainer: pre-emption (the state is saved) is a clean exit,
+    ``RUN_ERRORS`` and ``errors`` are one-line messages."""
+    try:
+        train()
+    except Preempted as e:
+        print(e, file=sys.stderr)
+    except RUN_ERRORS + errors as e:
+        sys.exit(f"error: {e}")
+
+
+@contextmanager
+def preemptible(accelerator: Accelerator, bar):
+    """The training loop's block: yields the ``StopRequest``; on pre-emption the progress bar
+    and the logs are closed before ``Preempted`` goes up; the SIGTERM handler is restored."""
+    stop = StopRequest(accelerator)
+    try:
+        yield stop
+    except Preempted:
+        bar.close()
+        accelerator.end_training()  # flush the logs
+        raise
+    finally:
+        stop.close()
+    bar.close()
 
 
 def check_replicas_agree(accelerator: Accelerator, tensors: dict[str, torch.Tensor]) -> None:

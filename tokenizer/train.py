@@ -18,7 +18,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from .checkpoints import save_checkpoint
-from .loop import (NonFiniteGuard, Preempted, Progress, StopRequest, all_finite,
+from .loop import (NonFiniteGuard, Progress, preemptible, all_finite,
                    check_replicas_agree, mean_over_processes, seeded_batches, start_run)
 from .config import (ConfigError, build_dataclass, check_section, check_sections, require,
                      signature_hints)
@@ -162,8 +162,8 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
     bar = tqdm(total=cfg.max_steps, initial=progress.step,
                disable=not accelerator.is_local_main_process, desc="tokenizer")
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, checkpoints, accelerator)
-    stop, saved_at = StopRequest(accelerator), None
-    try:
+    saved_at = None
+    with preemptible(accelerator, bar) as stop:
         while progress.step < cfg.max_steps:
             stop.stop_if_requested(progress.step, saved_at == progress.step,
                                    lambda: save_checkpoint(accelerator, checkpoints, progress.step,
@@ -214,13 +214,6 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
                 save_checkpoint(accelerator, checkpoints, progress.step, cfg.keep_checkpoints,
                                 states)
                 saved_at = progress.step
-    except Preempted:
-        bar.close()
-        accelerator.end_training()  # flush the logs
-        raise
-    finally:
-        stop.close()
-    bar.close()
 
     replicas = {f"model.{k}": v for k, v in unwrapped.state_dict().items()}
     if opt_d is not None:
