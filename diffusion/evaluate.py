@@ -25,6 +25,7 @@ from pipelines.sampling import image_labels, is_conditional, sample_images
 from tokenizer.config import require
 from tokenizer.data import DataConfig, build_dataset
 from tokenizer.fid import inception_features
+from tokenizer.loop import main_process_decides
 
 CACHE_ENV = "NEVERCOLLAPSE_FID_CACHE"
 
@@ -154,15 +155,21 @@ def reference_features(data: DataConfig, part: str, inception: torch.nn.Module,
                        batch_size: int = 64, cache_dir: str | os.PathLike | None = None,
                        refresh: bool = False) -> Reference:
     """Inception features of the reference images, read as for training (same source, split,
-    resolution and channels; centre crop, no flips), from the cache when it holds them."""
+    resolution and channels; centre crop, no flips), from the cache when it holds them (the main
+    process decides and reads it; the others then get empty features)."""
     spec = reference_spec(data, part, max_images, weights)
     key = reference_key(spec)
     path = Path(cache_dir or default_cache_dir()) / f"{key}.safetensors"
-    if path.is_file() and not refresh:
+    # one decision for all: a process that computes enters the gather below
+    if main_process_decides(accelerator, lambda: path.is_file() and not refresh):
+        if not accelerator.is_main_process:  # only the main process computes the metrics
+            return Reference(torch.zeros(0, 2048), torch.zeros(0, dtype=torch.long), key, spec,
+                             path, cached=True)
         stored = load_file(path)
         return Reference(stored["features"], stored["labels"], key, spec, path, cached=True)
 
-    dataset = build_dataset(replace(data, crop="center", flip=False), part)
+    with accelerator.local_main_process_first():  # it lists the data once for everyone
+        dataset = build_dataset(replace(data, crop="center", flip=False), part)
     chosen = list(range(len(dataset)))
     if max_images is not None and len(dataset) > max_images:  # a fixed random subset
         perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))

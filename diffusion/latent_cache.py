@@ -1,42 +1,57 @@
 """Stage two's latent cache: the frozen tokenizer encodes one dataset part once into sharded
-safetensors files, and the diffusion model trains on :class:`LatentCache`.
+safetensors files, and the diffusion model trains on :class:`LatentCache`, which memory-maps them.
 
 A cache folder holds::
 
-    shard-00000.safetensors  items [0, shard_size): "latents" (n×C×h×w float32), "labels" (n int64)
+    shard-00000.safetensors  items [0, shard_size): "latents" (n×C×h×w, float32 / bfloat16 /
+                             float16), "labels" (n int64); its metadata holds the count, mean
+                             and sum of squared deviations of its latent values (float64)
     shard-00001.safetensors  items [shard_size, 2·shard_size), ...
     pending.json             the build settings, written first (marks a partial cache)
-    metadata.json            written atomically last (marks a complete cache; pending.json goes)
+    metadata.json            written atomically last (marks a complete cache; pending.json goes):
+                             settings, shapes, label range and the latents' mean and std
 
-Item order: the dataset part in its own order (items 0..N-1); with ``flips`` the horizontally
-flipped images follow in the same order (item N + i is item i mirrored), 2N items in all.
-Builds are resumable (finished shards are kept) but one cache folder takes one build at a time.
+Item order: the dataset part in its own order; with ``flips`` item 2i is image i and item 2i + 1
+its mirror image (both from one decode), 2N items in all. Opening a cache reads metadata.json
+only; every process maps the shards (the operating system shares their pages), so a cache costs
+each process a small constant, whatever its size. Builds are resumable (finished shards are kept)
+but one cache folder takes one build at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import struct
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from tokenizer.data import PARTS, DataConfig, build_dataset
+from tokenizer.loop import main_process_decides
 from tokenizer.model import VQTokenizer
 
-FORMAT = 1
+FORMAT = 2  # 1: float32 only, mirror images in a second half, no statistics
 METADATA, PENDING = "metadata.json", "pending.json"
-SETTINGS = ("format", "tokenizer_fingerprint", "data", "part", "quantized", "flips")
+SETTINGS = ("format", "tokenizer_fingerprint", "data", "part", "quantized", "flips", "dtype",
+            "precision")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# numpy has no bfloat16: its values are mapped as uint16 and reinterpreted by torch
+_NUMPY = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "I64": np.int64}
+_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+          "I64": torch.int64}
 
 
 class StaleCacheError(RuntimeError):
@@ -122,13 +137,13 @@ def _shard_name(k: int) -> str:
 
 
 def _shard_ok(path: Path, size: int) -> bool:
-    """Whether the finished shard ``path`` exists, loads and holds ``size`` items."""
+    """Whether the finished shard ``path`` exists, opens and holds ``size`` items."""
     if not path.is_file():
         return False
     try:
-        shard = load_file(path)
-        problem = None if len(shard["latents"]) == len(shard["labels"]) == size else \
-            f"it does not hold {size} items"
+        with safe_open(str(path), framework="pt") as shard:
+            sizes = {shard.get_slice(k).get_shape()[0] for k in ("latents", "labels")}
+        problem = None if sizes == {size} else f"it does not hold {size} items"
     except Exception as err:  # noqa: BLE001 - any failure means "re-encode it"
         problem = str(err)
     if problem:
@@ -136,68 +151,131 @@ def _shard_ok(path: Path, size: int) -> bool:
     return problem is None
 
 
+def _moments(values: torch.Tensor) -> tuple[int, float, float]:
+    """(count, mean, sum of squared deviations) of every value, in float64."""
+    x = values.double()
+    mean = x.mean()
+    return x.numel(), mean.item(), (x - mean).square().sum().item()
+
+
+def _merge(a: tuple[int, float, float], b: tuple[int, float, float]) -> tuple[int, float, float]:
+    """Chan et al.'s pairwise update: the moments of two sets from theirs (exact, stable)."""
+    n = a[0] + b[0]
+    delta = b[1] - a[1]
+    return n, a[1] + delta * b[0] / n, a[2] + b[2] + delta * delta * a[0] * b[0] / n
+
+
 @torch.no_grad()
 def _encode_shards(tokenizer: VQTokenizer, dataset: Dataset, root: Path, shards: list[int],
-                   count: int, shard_size: int, quantized: bool, batch_size: int,
-                   num_workers: int, device: torch.device) -> None:
-    """Encode and write ``shards`` (item j is dataset item j % N, mirrored when j >= N)."""
-    n, dtype = len(dataset), next(tokenizer.parameters()).dtype
-    chunks = [range(s, min(s + batch_size, (k + 1) * shard_size, count))
-              for k in shards for s in range(k * shard_size, min((k + 1) * shard_size, count),
-                                             batch_size)]
-    loader = DataLoader(dataset, batch_sampler=[[j % n for j in c] for c in chunks],
-                        num_workers=num_workers)
+                   count: int, shard_size: int, flips: bool, quantized: bool, dtype: torch.dtype,
+                   batch_size: int, num_workers: int, device: torch.device,
+                   autocast: Callable[[], Any]) -> None:
+    """Encode and write ``shards``: item j is image j // 2, mirrored when j is odd (flips), else
+    image j. Images are decoded once by ``num_workers`` loader workers; the encoder runs under
+    ``autocast()`` (the quantizer searches in float32 whatever autocast says)."""
+    per_image = 2 if flips else 1
+    chunks = []  # image ranges, none crossing a shard
+    for k in shards:
+        first, last = k * shard_size // per_image, min((k + 1) * shard_size, count) // per_image
+        chunks += [range(s, min(s + batch_size, last)) for s in range(first, last, batch_size)]
+    loader = DataLoader(dataset, batch_sampler=[list(c) for c in chunks], num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
     latents: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []  # of the shard being encoded
     for chunk, batch in zip(chunks, loader):
-        x = batch["pixel_values"].to(device, dtype)
-        mirror = torch.tensor([j >= n for j in chunk], device=device).view(-1, 1, 1, 1)
-        h = tokenizer.encode(torch.where(mirror, x.flip(-1), x)).latents
-        latents.append((tokenizer.quantize(h).z_q if quantized else h).float().cpu())
-        labels.append(batch["label"].long())
-        if chunk.stop % shard_size == 0 or chunk.stop == count:  # the shard is done
-            path = root / _shard_name(chunk.start // shard_size)
+        x = batch["pixel_values"].to(device, non_blocking=True)
+        y = batch["label"].long()
+        if flips:
+            x = torch.cat([x, x.flip(-1)])
+        with autocast():
+            h = tokenizer.encode(x).latents
+            z = tokenizer.quantize(h).z_q if quantized else h
+        z = z.float()
+        if flips:  # image i, then its mirror image
+            z = torch.stack([z[:len(y)], z[len(y):]], 1).flatten(0, 1)
+            y = y.repeat_interleave(2)
+        latents.append(z.to(dtype).cpu())
+        labels.append(y)
+        end = chunk.stop * per_image
+        if end % shard_size == 0 or end == count:  # the shard is done
+            path = root / _shard_name((end - 1) // shard_size)
             tmp = path.with_name(path.name + ".tmp")
-            save_file({"latents": torch.cat(latents).contiguous(), "labels": torch.cat(labels)},
-                      tmp)
+            block = torch.cat(latents).contiguous()
+            n, mean, m2 = _moments(block)
+            save_file({"latents": block, "labels": torch.cat(labels)}, tmp,
+                      metadata={"count": str(n), "mean": repr(mean), "m2": repr(m2)})
             os.replace(tmp, path)  # a killed run never leaves a half shard under the real name
             latents, labels = [], []
 
 
+def _summary(root: Path, names: list[str]) -> dict[str, Any]:
+    """Shapes, label range and the latents' mean and std, from the shards' headers and labels
+    (one small read per shard)."""
+    moments, low, high, shape = (0, 0.0, 0.0), None, None, None
+    for name in names:
+        with safe_open(str(root / name), framework="pt") as shard:
+            shape = shape or list(shard.get_slice("latents").get_shape()[1:])
+            meta = shard.metadata()
+            moments = _merge(moments, (int(meta["count"]), float(meta["mean"]),
+                                       float(meta["m2"])))
+            labels = shard.get_tensor("labels")
+        low = min(low, int(labels.min())) if low is not None else int(labels.min())
+        high = max(high, int(labels.max())) if high is not None else int(labels.max())
+    has_labels = low >= 0
+    return {"latent_shape": shape, "latent_mean": moments[1],
+            "latent_std": math.sqrt(moments[2] / max(moments[0] - 1, 1)),
+            "label_min": low, "label_max": high, "has_labels": has_labels,
+            "num_classes": high + 1 if has_labels else 0}
+
+
 def build_latent_cache(tokenizer: VQTokenizer, data_config: DataConfig | Mapping[str, Any],
                        cache_dir: str | os.PathLike, *, part: str = "train",
-                       quantized: bool = True, flips: bool = False, batch_size: int = 64,
-                       shard_size: int = 4096, accelerator: Accelerator | None = None,
+                       quantized: bool = True, flips: bool = False, dtype: str = "float32",
+                       batch_size: int = 64, shard_size: int = 4096,
+                       accelerator: Accelerator | None = None,
                        num_workers: int = 0) -> LatentCache:
     """Encode ``part`` of the data into ``cache_dir`` (or reuse the complete cache there) and
     open it on every process.
 
     ``quantized``: cache z_q (default) or the pre-quantization latents. ``flips``: also cache
-    every image mirrored (see the module docstring for the order). Random data augmentations
-    (``flip``, random ``crop``) are replaced by fixed views. A cache of other settings raises
-    :class:`StaleCacheError`. With an ``accelerator`` of N processes, process r encodes the
-    shards k with k % N == r; a restarted build only encodes the missing shards. Encoding runs
-    in eval mode without gradients on ``accelerator.device`` (the tokenizer is moved there) or
-    on the tokenizer's device."""
-    if part not in PARTS or min(batch_size, shard_size) < 1:
-        raise ValueError(f"need part in {PARTS} and batch_size, shard_size >= 1; got {part!r}, "
-                         f"{batch_size}, {shard_size}")
+    every image mirrored (see the module docstring for the order; ``shard_size`` must be even).
+    ``dtype``: "float32", "bfloat16" or "float16" storage. Random data augmentations (``flip``,
+    random ``crop``) are replaced by fixed views. A cache of other settings, or of an older
+    format, raises :class:`StaleCacheError`. With an ``accelerator`` of N processes, process r
+    encodes the shards k with k % N == r, under the accelerator's autocast; a restarted build
+    only encodes the missing shards. Every decision about the folder is taken by the main
+    process and broadcast, so all processes enter the same collectives. Encoding runs in eval
+    mode without gradients on ``accelerator.device`` (the tokenizer is moved there) or on the
+    tokenizer's device."""
+    if part not in PARTS or min(batch_size, shard_size) < 1 or dtype not in DTYPES:
+        raise ValueError(f"need part in {PARTS}, batch_size, shard_size >= 1 and dtype in "
+                         f"{list(DTYPES)}; got {part!r}, {batch_size}, {shard_size}, {dtype!r}")
+    if flips and shard_size % 2:
+        raise ValueError(f"with flips, shard_size must be even (an image and its mirror image "
+                         f"share a shard); got {shard_size}")
     root, config = Path(cache_dir), _data_config(data_config, part)
+    precision = accelerator.mixed_precision if accelerator else "no"
     settings = {"format": FORMAT, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                 "tokenizer_config": _tokenizer_config(tokenizer),
                 "data": dataclasses.asdict(config), "part": part, "quantized": bool(quantized),
-                "flips": bool(flips)}
-    previous = _read_settings(root)
-    if previous is not None:
-        diffs = _differences(previous, settings)
-        if diffs:
-            raise _stale(root, "a latent cache built with other settings (cache vs requested: "
-                         + "; ".join(diffs) + ")")
-        if previous.get("complete"):
-            return LatentCache(root)
+                "flips": bool(flips), "dtype": dtype, "precision": precision}
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     barrier = accelerator.wait_for_everyone if accelerator else lambda: None
-    dataset = build_dataset(config, part)
+
+    def check_folder() -> dict[str, Any] | None:
+        previous = _read_settings(root)
+        if previous is not None:
+            diffs = _differences(previous, settings)
+            if diffs:
+                raise _stale(root, "a latent cache built with other settings (cache vs "
+                             "requested: " + "; ".join(diffs) + ")")
+        return previous
+
+    previous = main_process_decides(accelerator, check_folder)
+    if previous is not None and previous.get("complete"):
+        return _open(root, rank)
+    with accelerator.local_main_process_first() if accelerator else contextlib.nullcontext():
+        dataset = build_dataset(config, part)  # the local main process lists the data first
     count = len(dataset) * (2 if flips else 1)
     if previous is not None:
         if previous["count"] != count:
@@ -207,7 +285,6 @@ def build_latent_cache(tokenizer: VQTokenizer, data_config: DataConfig | Mapping
             warnings.warn(f"resuming {root} with its shard_size {previous['shard_size']} "
                           f"(not {shard_size})", stacklevel=2)
             shard_size = previous["shard_size"]
-    barrier()  # every process has read the folder before it changes
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         _write_json(root / PENDING, {**settings, "count": count, "shard_size": shard_size})
@@ -217,38 +294,53 @@ def build_latent_cache(tokenizer: VQTokenizer, data_config: DataConfig | Mapping
             if not _shard_ok(root / names[k], min(shard_size, count - k * shard_size))]
     if todo:
         device = accelerator.device if accelerator else next(tokenizer.parameters()).device
+        autocast = accelerator.autocast if accelerator else contextlib.nullcontext
         was_training = tokenizer.training
         tokenizer.to(device).eval()
         try:
-            _encode_shards(tokenizer, dataset, root, todo, count, shard_size, quantized,
-                           batch_size, num_workers, device)
+            _encode_shards(tokenizer, dataset, root, todo, count, shard_size, flips, quantized,
+                           DTYPES[dtype], batch_size, num_workers, device, autocast)
         finally:
             tokenizer.train(was_training)
     barrier()
     if rank == 0:
-        labels, shape = [], None
-        for name in names:
-            with safe_open(root / name, framework="pt") as shard:
-                shape = shape or list(shard.get_slice("latents").get_shape()[1:])
-                labels.append(shard.get_tensor("labels"))
-        all_labels = torch.cat(labels)
-        has_labels = bool((all_labels >= 0).any())
         _write_json(root / METADATA, {
-            **settings, "dataset_size": len(dataset), "latent_shape": shape, "count": count,
-            "shard_size": shard_size, "shards": names, "dtype": "float32",
-            "has_labels": has_labels,
-            "num_classes": int(all_labels.max()) + 1 if has_labels else 0, "complete": True})
+            **settings, "dataset_size": len(dataset), "count": count, "shard_size": shard_size,
+            "shards": names, **_summary(root, names), "complete": True})
         (root / PENDING).unlink(missing_ok=True)
     barrier()
-    return LatentCache(root)
+    return _open(root, rank)
+
+
+def _open(root: Path, rank: int) -> LatentCache:
+    try:
+        return LatentCache(root)
+    except FileNotFoundError as err:
+        if rank == 0:
+            raise
+        raise FileNotFoundError(f"{err} (process {rank} cannot see the cache that process 0 "
+                                "sees: cache.dir must be on storage that every process "
+                                "shares)") from None
+
+
+def _map_shard(path: Path) -> dict[str, np.ndarray]:
+    """Read-only memory maps of a safetensors file's tensors (its header says where each one
+    lies: 8 bytes of header length, the JSON header, then the data)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    return {name: np.memmap(path, dtype=_NUMPY[info["dtype"]], mode="r",
+                            offset=8 + length + info["data_offsets"][0],
+                            shape=tuple(info["shape"]))
+            for name, info in header.items() if name != "__metadata__"}
 
 
 class LatentCache(Dataset):
     """A complete latent cache; items are ``{"latents": C×h×w float32, "label": int64 scalar}``.
 
-    All shards are loaded into memory when the cache is opened (``latents``: count×C×h×w,
-    ``labels``: count), with ``safetensors.torch.load_file`` only; ``metadata`` is the parsed
-    metadata.json."""
+    Opening one reads metadata.json (``metadata``); the shards are memory-mapped on first use in
+    each process (and again in each loader worker), never loaded whole. ``__getitems__`` reads a
+    batch with one gather per shard it touches."""
 
     def __init__(self, cache_dir: str | os.PathLike) -> None:
         self.root = Path(cache_dir)
@@ -259,32 +351,67 @@ class LatentCache(Dataset):
                 f"{self.root} is not a complete latent cache (no complete {METADATA}); build "
                 f"one with diffusion.latent_cache.build_latent_cache(tokenizer, data_config, "
                 f"{str(self.root)!r})")
+        if metadata.get("format") != FORMAT:
+            raise StaleCacheError(
+                f"{self.root} is a latent cache of format {metadata.get('format')} (this "
+                f"version reads format {FORMAT}); rebuild it: rm -r {self.root}, then run "
+                "scripts/train_diffusion.py again (it encodes the data into that folder)")
         self.metadata: dict[str, Any] = metadata
-        shards = [load_file(self.root / name) for name in metadata["shards"]]
-        self.latents = torch.cat([shard["latents"] for shard in shards])
-        self.labels = torch.cat([shard["labels"] for shard in shards])
-        expected = [metadata["count"], *metadata["latent_shape"]]
-        if list(self.latents.shape) != expected or len(self.labels) != metadata["count"]:
-            raise ValueError(f"{self.root} is damaged: its shards hold latents of shape "
-                             f"{list(self.latents.shape)}, metadata says {expected}; delete "
-                             f"it and build it again")
+        self.shard_size = metadata["shard_size"]
+        self.dtype = DTYPES[metadata["dtype"]]
+        self._maps: list[dict[str, np.ndarray]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # a loader worker maps the files itself
+        return {**self.__dict__, "_maps": None}
+
+    def _shards(self) -> list[dict[str, np.ndarray]]:
+        if self._maps is None:
+            maps = [_map_shard(self.root / name) for name in self.metadata["shards"]]
+            shape = [len(maps[-1]["labels"]) + self.shard_size * (len(maps) - 1),
+                     *maps[0]["latents"].shape[1:]]
+            expected = [self.metadata["count"], *self.metadata["latent_shape"]]
+            if shape != expected:
+                raise ValueError(f"{self.root} is damaged: its shards hold latents of shape "
+                                 f"{shape}, metadata says {expected}; delete it and build it "
+                                 "again")
+            self._maps = maps
+        return self._maps
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self.metadata["count"]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        index = np.asarray(indices, dtype=np.int64)
+        if len(index) and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"latent cache index out of range 0..{len(self) - 1}")
+        shard, row = np.divmod(index, self.shard_size)
+        maps = self._shards()
+        latents = np.empty((len(index), *maps[0]["latents"].shape[1:]),
+                           maps[0]["latents"].dtype)
+        labels = np.empty(len(index), np.int64)
+        for k in np.unique(shard):
+            mine = shard == k
+            latents[mine] = maps[k]["latents"][row[mine]]
+            labels[mine] = maps[k]["labels"][row[mine]]
+        latents = torch.from_numpy(latents).view(self.dtype).float()
+        labels = torch.from_numpy(labels)
+        return [{"latents": z, "label": y} for z, y in zip(latents, labels)]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"latents": self.latents[i], "label": self.labels[i]}
+        return self.__getitems__([i])[0]
+
+    def load(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``start:stop`` as (latents float32, labels), in memory: for small caches and
+        checks, not for training."""
+        items = self.__getitems__(list(range(len(self)))[start:stop])
+        return (torch.stack([item["latents"] for item in items]),
+                torch.stack([item["label"] for item in items]))
 
 
-def measure_scaling_factor(cache: LatentCache, max_items: int | None = None) -> float:
-    """1 / std of all latent values (LDM's rule; unbiased std in float64), over every item or,
-    with ``max_items``, over every k-th item (k = ceil(count / max_items))."""
-    latents = cache.latents
-    if max_items is not None:
-        if max_items < 1:
-            raise ValueError(f"max_items must be >= 1, got {max_items}")
-        latents = latents[::math.ceil(len(latents) / max_items)]
-    std = latents.double().std().item()
+def measure_scaling_factor(cache: LatentCache) -> float:
+    """1 / std of all latent values (LDM's rule; the unbiased std, measured in float64 while the
+    cache was built and stored in its metadata)."""
+    std = cache.metadata["latent_std"]
     if not std > 0:
         raise ValueError(f"the latents of {cache.root} have std {std}; no scaling factor")
     return 1.0 / std

@@ -28,14 +28,14 @@ from pipelines.model_card import write_model_card
 from pipelines.sampling import TRAINING_CONFIG
 from tokenizer import VQTokenizer
 from tokenizer.checkpoints import save_checkpoint
-from tokenizer.config import ConfigError, build_dataclass, check_sections, require
+from tokenizer.config import ConfigError, build_dataclass, check_sections, parse_yaml, require
 from tokenizer.data import DataConfig, check_source_exists
-from tokenizer.loop import (NonFiniteGuard, Progress, preemptible, all_finite,
+from tokenizer.loop import (NonFiniteGuard, Progress, preemptible, all_finite, check_precision,
                             check_replicas_agree, mean_over_processes, seeded_batches,
                             start_run)
 
 from .evaluate import EvalConfig
-from .latent_cache import build_latent_cache, measure_scaling_factor
+from .latent_cache import DTYPES, build_latent_cache, measure_scaling_factor
 from .unet import UNetConfig, build_unet, training_scheduler
 
 SECTIONS = ("unet", "data", "cache", "train", "eval")
@@ -49,20 +49,31 @@ class CacheConfig:
       tokenizer or data config is refused, never reused.
     quantized: cache the quantized latents z_q (default) or, if false, the pre-quantization
       latents (LDM's original choice).
-    flips: also cache every image's horizontal flip.
+    flips: also cache every image's horizontal flip (from the same decode).
+    dtype: storage of the latents: "float32", or "bfloat16" / "float16" for half the disk and
+      page cache (items are float32 again when read).
     batch_size: images per encoding batch.
-    shard_size: latents per safetensors shard.
+    shard_size: latents per safetensors shard (even with flips).
+    num_workers: DataLoader workers decoding images while the tokenizer encodes.
+    The encoder runs under ``train.mixed_precision`` (the quantizer searches in float32).
     """
 
     dir: str | None = None
     quantized: bool = True
     flips: bool = False
+    dtype: str = "float32"
     batch_size: int = 64
     shard_size: int = 4096
+    num_workers: int = 0
 
     def __post_init__(self):
         require(self.batch_size >= 1, "cache.batch_size", self.batch_size, "must be >= 1")
         require(self.shard_size >= 1, "cache.shard_size", self.shard_size, "must be >= 1")
+        require(not self.flips or self.shard_size % 2 == 0, "cache.shard_size",
+                self.shard_size, "must be even with cache.flips (an image and its mirror image "
+                "share a shard)")
+        require(self.dtype in DTYPES, "cache.dtype", self.dtype, f"choose one of {list(DTYPES)}")
+        require(self.num_workers >= 0, "cache.num_workers", self.num_workers, "must be >= 0")
 
 
 @dataclass
@@ -176,21 +187,23 @@ def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_d
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with="tensorboard", project_dir=str(output_dir))
+    check_precision(accelerator)
     set_seed(cfg.seed)
     tokenizer.to(accelerator.device)
 
     cache = build_latent_cache(tokenizer, recipe.data, recipe.cache.dir or output_dir / "latents",
                                quantized=recipe.cache.quantized, flips=recipe.cache.flips,
-                               batch_size=recipe.cache.batch_size,
-                               shard_size=recipe.cache.shard_size, accelerator=accelerator)
+                               dtype=recipe.cache.dtype, batch_size=recipe.cache.batch_size,
+                               shard_size=recipe.cache.shard_size, accelerator=accelerator,
+                               num_workers=recipe.cache.num_workers)
     scale = measure_scaling_factor(cache)
     tokenizer.register_to_config(scaling_factor=float(scale))  # exported with the pipeline
     num_classes = recipe.unet.num_classes
     if num_classes:
-        labels = cache.labels
-        require(labels.min() >= 0 and labels.max() < num_classes, "unet.num_classes",
-                num_classes, f"the data's labels span {labels.min()}..{labels.max()} "
-                "(a class-conditional model needs every item labelled in [0, num_classes))")
+        low, high = cache.metadata["label_min"], cache.metadata["label_max"]
+        require(low >= 0 and high < num_classes, "unet.num_classes", num_classes,
+                f"the data's labels span {low}..{high} (a class-conditional model needs every "
+                "item labelled in [0, num_classes))")
     channels, side = cache.metadata["latent_shape"][0], cache.metadata["latent_shape"][-1]
     unet = build_unet(recipe.unet, channels, side)
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True,
@@ -224,7 +237,7 @@ def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_d
                                                            cfg.keep_checkpoints, states))
             for _ in range(cfg.gradient_accumulation_steps):
                 batch = next(batches)
-                latents = batch["latents"].to(accelerator.device) * scale
+                latents = batch["latents"].to(accelerator.device, non_blocking=True) * scale
                 noise = torch.randn_like(latents)
                 t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(latents),),
                                   device=latents.device)
@@ -287,7 +300,7 @@ def describe_export(export: Path, run_config: dict, tokenizer_dir: Path,
     card."""
     tokenizer_config = tokenizer_dir.parent / "config.yaml"
     configs = {"diffusion": run_config,
-               "tokenizer": (yaml.safe_load(tokenizer_config.read_text())
+               "tokenizer": (parse_yaml(tokenizer_config.read_text())
                              if tokenizer_config.is_file() else None)}
     (export / TRAINING_CONFIG).write_text(yaml.safe_dump(configs, sort_keys=False))
     cls = ClassConditionalLatentDiffusionPipeline if conditional else LatentDiffusionPipeline

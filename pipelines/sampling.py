@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
+
+from tokenizer.config import parse_yaml
 
 from .class_conditional import ClassConditionalLatentDiffusionPipeline
 from .unconditional import LatentDiffusionPipeline
@@ -49,9 +50,9 @@ def training_config(path: str | Path) -> dict:
     else the ``config.yaml`` of the run folder around it, else {}."""
     path = Path(path)
     if (path / TRAINING_CONFIG).is_file():
-        return yaml.safe_load((path / TRAINING_CONFIG).read_text())["diffusion"] or {}
+        return parse_yaml((path / TRAINING_CONFIG).read_text())["diffusion"] or {}
     if (path.parent / "config.yaml").is_file():
-        return yaml.safe_load((path.parent / "config.yaml").read_text()) or {}
+        return parse_yaml((path.parent / "config.yaml").read_text()) or {}
     return {}
 
 

@@ -2,6 +2,10 @@ import os
 
 # No test may download weights: missing files must produce the "put this file there" error.
 os.environ["NEVERCOLLAPSE_NO_DOWNLOAD"] = "1"
+# Data manifests go to a folder of this test session (inherited by the scripts tests start).
+import tempfile  # noqa: E402
+
+os.environ["NEVERCOLLAPSE_DATA_CACHE"] = tempfile.mkdtemp(prefix="nevercollapse-data-")
 
 from unittest import mock  # noqa: E402
 
@@ -30,3 +34,27 @@ def write_fake_inception(path):
 def fake_inception_file(tmp_path_factory):
     from tokenizer.fid import INCEPTION_FILE
     return write_fake_inception(tmp_path_factory.mktemp("weights") / INCEPTION_FILE)
+
+
+@pytest.fixture(scope="session")
+def vgg_torch_home(tmp_path_factory):
+    """A TORCH_HOME whose hub cache holds LPIPS's VGG16 backbone file, with random weights
+    (half precision: half the bytes; loading casts them), where torchvision looks for it."""
+    from torchvision.models import VGG16_Weights, vgg16
+
+    home = tmp_path_factory.mktemp("torch_home")
+    path = home / "hub" / "checkpoints" / VGG16_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save({k: v.half() for k, v in vgg16().state_dict().items()}, path)
+    return home
+
+
+def pytest_collection_modifyitems(config, items):
+    """``cuda`` tests run only where a CUDA device is."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,4 +1,5 @@
 import io
+import os
 import pickle
 import subprocess
 import sys
@@ -36,11 +37,11 @@ def _items(config: dict) -> list[dict]:
 def tree(tmp_path: Path) -> Path:
     """cat/: 3 good images; dog/: 2 good images and 3 bad ones (sorted first: empty.png)."""
     root = tmp_path / "tree"
-    (root / "cat" / "nested").mkdir(parents=True)
+    (root / "cat").mkdir(parents=True)
     (root / "dog").mkdir()
     _noise((40, 30)).save(root / "cat" / "rgb.png")
     Image.fromarray(np.full((20, 50), 128, np.uint8)).save(root / "cat" / "gray.png")
-    Image.new("RGBA", (33, 17), (10, 200, 30, 128)).save(root / "cat" / "nested" / "rgba.png")
+    Image.new("RGBA", (33, 17), (10, 200, 30, 128)).save(root / "cat" / "rgba.png")
     _noise((24, 24)).convert("P").save(root / "dog" / "palette.png")
     Image.fromarray(np.full((18, 36), 40000, np.uint16)).save(root / "dog" / "sixteen.png")
     (root / "dog" / "empty.png").write_bytes(b"")
@@ -53,8 +54,10 @@ def tree(tmp_path: Path) -> Path:
 
 def test_folder_items_labels_and_skipped_files(tree: Path) -> None:
     config = {"source": str(tree), "resolution": 16, "validation_size": 1}
+    train = build_dataset(config, "train")  # lists names only: nothing is decoded yet
+    assert train.skipped == [] and len(train) == 7
     with pytest.warns(UserWarning) as record:
-        train = build_dataset(config, "train")
+        items = [train[i] for i in range(len(train))]
     messages = " ".join(str(w.message) for w in record)
     bad = ["empty.png", "trunc.png", "x.png"]
     assert all(name in messages for name in bad)
@@ -62,19 +65,72 @@ def test_folder_items_labels_and_skipped_files(tree: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         validation = build_dataset(config, "validation")
-    assert (len(train), len(validation)) == (4, 1)
-    items = [train[i] for i in range(len(train))] + [validation[0]]
+        items.append(validation[0])
     for item in items:
         x = item["pixel_values"]
         assert x.shape == (3, 16, 16) and x.dtype == torch.float32
         assert x.min() >= -1 and x.max() <= 1
         assert item["label"].dtype == torch.int64 and item["label"].dim() == 0
-    assert sorted(int(item["label"]) for item in items) == [0, 0, 0, 1, 1]
+    # an unreadable image is replaced by the next readable one: 3 cats and 2 dogs in all
+    assert {int(item["label"]) for item in items} == {0, 1}
 
 
-def test_strict_raises_naming_the_first_bad_file(tree: Path) -> None:
-    with pytest.raises(ValueError, match=r"empty\.png.*strict"):
-        build_dataset({"source": str(tree), "strict": True})
+def test_strict_raises_naming_the_bad_file(tree: Path) -> None:
+    dataset = build_dataset({"source": str(tree), "strict": True, "validation_size": 1})
+    with pytest.raises(ValueError, match=r"unreadable image .*(empty|trunc|x)\.png.*strict"):
+        [dataset[i] for i in range(len(dataset))]
+
+
+def _imagefolder_tree(root: Path) -> None:
+    """Split folders with partly different classes, a hidden folder, a stray top-level folder."""
+    for split, classes in (("train", ["cat", "dog", "zebra"]), ("validation", ["dog", "ant"])):
+        for name in classes:
+            (root / split / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / split / name / f"{i}.png")
+    (root / ".cache").mkdir()
+    Image.new("RGB", (8, 8)).save(root / ".cache" / "hidden.png")
+    (root / "extra").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "extra" / "outside_the_splits.png")
+
+
+def test_folder_splits_and_labels_are_those_of_datasets_imagefolder(tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    root = tmp_path / "images"
+    _imagefolder_tree(root)
+    theirs = datasets.load_dataset("imagefolder", data_dir=str(root))
+    assert sorted(theirs) == ["train", "validation"]
+    for split in theirs:
+        config = {"source": str(root), "split": split, "resolution": 8, "validation_size": 1}
+        ours = [part for name in ("train", "validation")
+                for part in [build_dataset(config, name)]]
+        mine = sorted((os.path.relpath(part.reader.name(int(j)), root),
+                       int(part[i]["label"]))
+                      for part in ours for i, j in enumerate(part.indices))
+        expected = sorted((os.path.relpath(row["image"].filename, os.path.realpath(root)),
+                           row["label"]) for row in theirs[split])
+        assert mine == expected, split
+    with pytest.raises(ValueError, match=r"split='test'.*splits are \['train', 'validation'\]"):
+        build_dataset({"source": str(root), "split": "test"})
+
+
+def test_folder_is_listed_once_and_again_when_it_changes(tmp_path: Path, capfd) -> None:
+    root = tmp_path / "images"
+    _imagefolder_tree(root)
+    config = {"source": str(root), "resolution": 8, "validation_size": 1}
+    assert len(build_dataset(config, "train")) + 1 == 6
+    assert "listing" in capfd.readouterr().out
+    build_dataset(config, "validation")  # the other part, another process: the same manifest
+    subprocess.run([sys.executable, "-c", "import sys; from tokenizer.data import "
+                    "build_dataset; build_dataset({'source': sys.argv[1]})", str(root)],
+                   cwd=ROOT, check=True)
+    assert "listing" not in capfd.readouterr().out
+    Image.new("RGB", (8, 8)).save(root / "train" / "cat" / "new.png")
+    assert len(build_dataset(config, "train")) + 1 == 7
+    out = capfd.readouterr().out
+    assert "listing" in out and "train/cat changed" in out
 
 
 def test_folder_without_class_folders_has_no_labels(tmp_path: Path) -> None:
@@ -141,7 +197,7 @@ def test_random_flip_only_on_train(tmp_path: Path) -> None:
 
 SPLIT_SCRIPT = ("import sys; from tokenizer.data import build_dataset; "
                 "print(build_dataset({'source': sys.argv[1], 'validation_size': 0.3, 'seed': 5},"
-                " 'validation').indices)")
+                " 'validation').indices.tolist())")
 
 
 def test_split_is_deterministic_disjoint_and_complete(tmp_path: Path) -> None:
@@ -150,13 +206,14 @@ def test_split_is_deterministic_disjoint_and_complete(tmp_path: Path) -> None:
     config = {"source": str(tmp_path), "resolution": 8, "validation_size": 0.3, "seed": 5}
     train, validation = build_dataset(config, "train"), build_dataset(config, "validation")
     assert len(validation) == 6 and len(train) == 14
-    assert set(train.indices).isdisjoint(validation.indices)
-    assert sorted(train.indices + validation.indices) == list(range(20))
-    assert build_dataset(config, "validation").indices == validation.indices
-    assert build_dataset({**config, "seed": 6}, "validation").indices != validation.indices
+    assert set(train.indices.tolist()).isdisjoint(validation.indices.tolist())
+    assert sorted([*train.indices, *validation.indices]) == list(range(20))
+    assert np.array_equal(build_dataset(config, "validation").indices, validation.indices)
+    assert not np.array_equal(build_dataset({**config, "seed": 6}, "validation").indices,
+                              validation.indices)
     out = subprocess.run([sys.executable, "-c", SPLIT_SCRIPT, str(tmp_path)], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
-    assert out.strip() == str(validation.indices)  # same split in another process
+    assert out.strip().splitlines()[-1] == str(validation.indices.tolist())  # same in another
 
 
 def test_digits_source() -> None:

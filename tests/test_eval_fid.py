@@ -175,3 +175,27 @@ def test_model_card_keeps_one_row_per_protocol(tmp_path):
     card = (tmp_path / "README.md").read_text()
     assert "kept text" in card and "12.50" not in card
     assert "11.25" in card and "9.75" in card
+
+
+@pytest.mark.parametrize("seer", [0, 1])
+def test_one_decision_when_only_one_process_sees_the_cached_reference(tmp_path, seer,
+                                                                      fake_inception_file):
+    from safetensors.torch import save_file
+
+    from tokenizer.data import DataConfig
+
+    data = DataConfig(source="digits", resolution=16, validation_size=97)
+    key = reference_key(reference_spec(data, "validation", 6, "test"))
+    cached = tmp_path / "caches" / f"rank-{seer}" / f"{key}.safetensors"
+    cached.parent.mkdir(parents=True)
+    save_file({"features": torch.zeros(6, 2048), "labels": torch.zeros(6, dtype=torch.long)},
+              str(cached))
+    (tmp_path / "reports").mkdir()
+    launch_two_processes(ROOT / "tests" / "one_sees_file_worker.py", str(fake_inception_file),
+                         str(tmp_path / "caches"), str(tmp_path / "reports"), timeout=300,
+                         port=29545 + seer)
+    ranks = [json.loads((tmp_path / "reports" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    if seer == 0:  # the main process reads its cache; the other one needs no features
+        assert ranks == [{"cached": True, "features": 6}, {"cached": True, "features": 0}]
+    else:  # the main process has no cache: both compute their shares and gather
+        assert ranks == [{"cached": False, "features": 6}, {"cached": False, "features": 6}]

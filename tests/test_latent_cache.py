@@ -75,15 +75,15 @@ def test_round_trip_and_metadata(tokenizer, data, built):
     root, cache = built
     images, labels = data
     assert len(cache) == len(images) == 1700
-    assert torch.equal(cache.latents, encode(tokenizer, images))
-    assert torch.equal(cache.labels, labels)
+    assert torch.equal(cache.load()[0], encode(tokenizer, images))
+    assert torch.equal(cache.load()[1], labels)
     item = cache[5]
     assert item["latents"].dtype == torch.float32 and item["latents"].shape == (4, 8, 8)
     assert item["label"].dtype == torch.int64 and item["label"].ndim == 0
-    assert torch.equal(item["latents"], cache.latents[5]) and item["label"] == labels[5]
+    assert torch.equal(item["latents"], cache.load()[0][5]) and item["label"] == labels[5]
     meta = json.loads((root / "metadata.json").read_text())
     assert meta == cache.metadata
-    assert meta["complete"] is True and meta["format"] == 1
+    assert meta["complete"] is True and meta["format"] == 2
     assert meta["tokenizer_fingerprint"] == tokenizer_fingerprint(tokenizer)
     assert meta["tokenizer_config"]["embed_dim"] == 4 and "scaling_factor" not in \
         meta["tokenizer_config"]
@@ -100,22 +100,28 @@ def test_unquantized_latents(tokenizer, data, tmp_path):
     cache = build_latent_cache(tokenizer, DATA, tmp_path, quantized=False, shard_size=SHARD)
     assert cache.metadata["quantized"] is False
     reference = encode(tokenizer, images, quantized=False)
-    assert torch.equal(cache.latents, reference)
+    assert torch.equal(cache.load()[0], reference)
     assert not torch.equal(reference, encode(tokenizer, images))  # z_q really differs
-    assert torch.equal(cache.labels, labels)
+    assert torch.equal(cache.load()[1], labels)
 
 
-def test_flips_append_mirrored_images(tokenizer, data, built, tmp_path):
+def test_flips_interleave_mirrored_images_from_one_decode(tokenizer, data, built, tmp_path,
+                                                          monkeypatch):
     images, labels = data
+    calls = count_encodes(monkeypatch, tokenizer)
     cache = build_latent_cache(tokenizer, DATA, tmp_path, flips=True, shard_size=SHARD)
     n = len(images)
+    assert sum(calls) == 2 * n and calls[0] == 2 * 64  # 64 images and their mirror images
     assert len(cache) == cache.metadata["count"] == 2 * n
     assert cache.metadata["dataset_size"] == n and len(cache.metadata["shards"]) == 14
-    assert torch.equal(cache.latents[:n], built[1].latents)
+    latents, cached_labels = cache.load()
+    torch.testing.assert_close(latents[0::2], built[1].load()[0], rtol=1e-5, atol=1e-6)
     mirrored = encode(tokenizer, images.flip(-1))
-    torch.testing.assert_close(cache.latents[n:], mirrored, rtol=1e-5, atol=1e-6)
-    assert not torch.equal(mirrored, built[1].latents)
-    assert torch.equal(cache.labels, torch.cat([labels, labels]))
+    torch.testing.assert_close(latents[1::2], mirrored, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(mirrored, built[1].load()[0])
+    assert torch.equal(cached_labels, labels.repeat_interleave(2))
+    with pytest.raises(ValueError, match="shard_size must be even"):
+        build_latent_cache(tokenizer, DATA, tmp_path / "odd", flips=True, shard_size=255)
 
 
 def test_complete_cache_is_reused_without_encoding(tokenizer, built, monkeypatch):
@@ -125,7 +131,7 @@ def test_complete_cache_is_reused_without_encoding(tokenizer, built, monkeypatch
     again = build_latent_cache(tokenizer, DATA, root, shard_size=SHARD, batch_size=7)
     assert calls == []
     assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == stamps
-    assert torch.equal(again.latents, cache.latents) and again.metadata == cache.metadata
+    assert torch.equal(again.load()[0], cache.load()[0]) and again.metadata == cache.metadata
 
 
 def test_random_augmentations_are_replaced_by_fixed_views(tokenizer, built, monkeypatch):
@@ -133,7 +139,7 @@ def test_random_augmentations_are_replaced_by_fixed_views(tokenizer, built, monk
     calls = count_encodes(monkeypatch, tokenizer)
     with pytest.warns(UserWarning, match="pass flips=True"):
         again = build_latent_cache(tokenizer, {**DATA, "flip": True, "crop": "random"}, root)
-    assert calls == [] and torch.equal(again.latents, cache.latents)  # the same fixed views
+    assert calls == [] and torch.equal(again.load()[0], cache.load()[0])  # the same fixed views
     assert (cache.metadata["data"]["flip"], cache.metadata["data"]["crop"]) == (False, "center")
 
 
@@ -187,20 +193,59 @@ def test_resume_after_kill_encodes_only_missing_shards(tokenizer, built, monkeyp
         cache = build_latent_cache(tokenizer, DATA, tmp_path, shard_size=SHARD)
     assert sum(calls) == 1700 - SHARD  # everything but shard 1
     assert (tmp_path / "shard-00001.safetensors").stat().st_mtime_ns == kept
-    assert torch.equal(cache.latents, built[1].latents)
-    assert torch.equal(cache.labels, built[1].labels)
+    assert torch.equal(cache.load()[0], built[1].load()[0])
+    assert torch.equal(cache.load()[1], built[1].load()[1])
     assert cache.metadata == built[1].metadata
     assert not any(p.name.endswith(".tmp") or p.name == "pending.json" for p in tmp_path.iterdir())
 
 
 def test_measure_scaling_factor(tokenizer, data, built):
+    # merged from the 7 shards' moments, computed while they were written
     reference = encode(tokenizer, data[0]).double()
     assert measure_scaling_factor(built[1]) == pytest.approx(1 / reference.std().item(),
                                                              rel=1e-12)
-    subset = reference[::17]  # ceil(1700 / 100) = 17
-    assert measure_scaling_factor(built[1], max_items=100) == pytest.approx(
-        1 / subset.std().item(), rel=1e-12)
-    assert abs(1 / subset.std().item() - 1 / reference.std().item()) > 1e-6  # subset is used
+    assert built[1].metadata["latent_mean"] == pytest.approx(reference.mean().item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_storage(tokenizer, built, tmp_path, dtype):
+    cache = build_latent_cache(tokenizer, DATA, tmp_path, shard_size=SHARD, dtype=dtype)
+    latents, labels = cache.load()
+    full = built[1].load()[0]
+    assert latents.dtype == torch.float32 and torch.equal(labels, built[1].load()[1])
+    assert torch.equal(latents, full.to(getattr(torch, dtype)).float())
+    assert sum(p.stat().st_size for p in tmp_path.glob("shard-*")) < 0.55 * sum(
+        p.stat().st_size for p in built[0].glob("shard-*"))
+    with pytest.raises(StaleCacheError, match=f"dtype '{dtype}' vs 'float32'"):
+        build_latent_cache(tokenizer, DATA, tmp_path, shard_size=SHARD)
+
+
+def test_cache_of_an_older_format_is_refused_with_the_rebuild_command(built, tmp_path):
+    import shutil
+    root = tmp_path / "old"
+    shutil.copytree(built[0], root)
+    meta = json.loads((root / "metadata.json").read_text())
+    (root / "metadata.json").write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(StaleCacheError, match=f"format 1.*rm -r {root}.*train_diffusion"):
+        LatentCache(root)
+    with pytest.raises(StaleCacheError, match="format 1 vs 2"):
+        build_latent_cache(tiny(), DATA, root, shard_size=SHARD)
+
+
+def test_items_and_batches_read_the_mapped_shards(built):
+    import pickle
+    _, cache = built
+    latents, labels = cache.load()
+    index = [1699, 0, 300, 5, 256, 255]  # across shards, in any order
+    batch = cache.__getitems__(index)
+    assert all(torch.equal(item["latents"], latents[i]) for item, i in zip(batch, index))
+    assert [int(item["label"]) for item in batch] == labels[index].tolist()
+    again = pickle.loads(pickle.dumps(cache))  # a loader worker maps the files again
+    assert again._maps is None and torch.equal(again[300]["latents"], latents[300])
+    loader = torch.utils.data.DataLoader(cache, batch_size=100, num_workers=2)
+    assert torch.equal(torch.cat([b["latents"] for b in loader]), latents)
+    with pytest.raises(IndexError):
+        cache[1700]
 
 
 def test_fingerprint_covers_config_and_weights_but_not_scaling_factor():
@@ -231,6 +276,6 @@ def test_two_process_build_matches_single_process(built, tmp_path):
     assert [r["encoded"] for r in ranks] == [3 * SHARD + 1700 - 6 * SHARD, 3 * SHARD]
     cache = LatentCache(root)
     assert cache.metadata == built[1].metadata
-    assert torch.equal(cache.latents, built[1].latents)
-    assert torch.equal(cache.labels, built[1].labels)
+    assert torch.equal(cache.load()[0], built[1].load()[0])
+    assert torch.equal(cache.load()[1], built[1].load()[1])
     assert sorted(os.listdir(root)) == sorted(os.listdir(built[0]))

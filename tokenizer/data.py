@@ -8,7 +8,6 @@ import gzip
 import io
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -20,8 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
-                    ".pgm", ".pbm")
+from .manifest import Manifest, open_manifest
+
 PARTS = ("train", "validation")
 ACCEPTED = ("source accepts 'digits', a local image folder, a .parquet / .arrow file, a datasets "
             "save_to_disk directory, 'lsun:/path/to/lmdb' or a Hugging Face hub dataset name")
@@ -89,10 +88,11 @@ class DataConfig:
     """Where the images come from and how they are preprocessed (the ``data:`` config section).
 
     source: ``"digits"`` (scikit-learn's 1,797 8×8 digits, labels 0-9); a local image folder
-        (recursive; labels are the sorted index of the root's sub-folders when the root holds no
-        images itself, else -1); a ``.parquet`` / ``.arrow`` file or ``save_to_disk`` directory;
-        ``"lsun:PATH"``, an LSUN LMDB export (``pip install lmdb``); else a hub dataset name.
-    split: split read from a hub dataset or a saved ``DatasetDict`` (ignored otherwise).
+        (recursive, split folders and class labels as ``datasets``' imagefolder reads them; listed
+        once into a shared manifest, see :mod:`tokenizer.manifest`); a ``.parquet`` / ``.arrow``
+        file or ``save_to_disk`` directory; ``"lsun:PATH"``, an LSUN LMDB export (``pip install
+        lmdb``); else a hub dataset name.
+    split: split read from an image folder, a hub dataset or a saved ``DatasetDict``.
     resolution: images are resized (shorter side) and cropped to resolution × resolution.
     channels: 1 (grayscale) or 3 (RGB); transparency is composited on white.
     crop: ``"center"`` or ``"random"``; the random crop is used on the train part only.
@@ -187,14 +187,14 @@ def _transform(config: DataConfig, train: bool, tensors: bool) -> Callable:
 
 class ImageDataset(Dataset):
     """One part of a source; items are ``{"pixel_values": C×R×R float32 in [-1, 1], "label":
-    int64 scalar}``. ``indices`` are the part's items in the source; ``skipped`` names the
-    unreadable images found by the scan or while decoding (in this process)."""
+    int64 scalar}``. ``indices`` (a sorted int64 array) are the part's items in the source;
+    ``skipped`` names the unreadable images found while decoding (in this process)."""
 
-    def __init__(self, reader: _Reader, indices: list[int], transform: Callable, channels: int,
+    def __init__(self, reader: _Reader, indices: np.ndarray, transform: Callable, channels: int,
                  strict: bool) -> None:
         self.reader, self.indices, self.transform = reader, indices, transform
         self.channels, self.strict = channels, strict
-        self.skipped: list[str] = list(getattr(reader, "skipped", []))
+        self.skipped: list[str] = []
         self._bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -202,7 +202,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         for k in range(len(self.indices)):  # an undecodable image is replaced by the next one
-            j = self.indices[(i + k) % len(self.indices)]
+            j = int(self.indices[(i + k) % len(self.indices)])
             if j in self._bad:
                 continue
             try:
@@ -212,9 +212,9 @@ class ImageDataset(Dataset):
             except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"
                 name = self.reader.name(j)
                 if self.strict:
-                    raise UnreadableImageError(f"cannot decode image {name} ({err}); remove the "
-                                               "file or "
-                                               "set strict: false") from err
+                    raise UnreadableImageError(f"unreadable image {name} ({err}); remove the "
+                                               "file or set strict: false to skip unreadable "
+                                               "images") from err
                 warnings.warn(f"skipping unreadable image {name} ({err})", stacklevel=2)
                 self._bad.add(j)
                 self.skipped.append(name)
@@ -245,46 +245,35 @@ class _Digits(_Reader):
         return self.images[i].repeat(self.channels, 1, 1), int(self.labels[i])
 
 
-def _problem(path: str) -> str | None:
-    """Why the image file ``path`` is unreadable, or None when it looks fine."""
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty file"
-        with Image.open(path) as image:
-            image.verify()
-    except Exception as err:  # noqa: BLE001
-        return f"{type(err).__name__}: {err}"
-    return None
+class _Listed(_Reader):
+    """A split of a source listed in a :class:`~tokenizer.manifest.Manifest` (an image folder or
+    an LSUN LMDB): names and labels stay in the memory-mapped manifest."""
+
+    def __init__(self, manifest: Manifest, split: str) -> None:
+        rows = manifest.rows(split)
+        self.manifest, self.start, self.count = manifest, manifest.meta["splits"][split][0], \
+            len(rows)
+        self.root = manifest.meta["source"]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _row(self, i: int) -> tuple[Any, int]:
+        table = self.manifest.table
+        return table.column("name")[self.start + i].as_py(), \
+            table.column("label")[self.start + i].as_py()
 
 
-class _Folder(_Reader):
-    """A recursive image folder. Sub-folders of a root without images of its own are classes.
-    Every file is checked (size, then ``verify()``) when the folder is read."""
+class _Folder(_Listed):
+    """An image folder, with ``datasets``' imagefolder splits and labels (see
+    :mod:`tokenizer.manifest`)."""
 
-    def __init__(self, root: str, strict: bool) -> None:
-        files, self.classes, self.skipped = [], [], []
-        for folder, dirs, names in os.walk(root, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            files += [os.path.join(folder, n) for n in sorted(names)
-                      if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
-            if folder == root and not files:
-                self.classes = list(dirs)
-        with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 4)) as pool:
-            for path, problem in zip(files, pool.map(_problem, files)):
-                if problem and strict:
-                    raise UnreadableImageError(f"unreadable image {path} ({problem}); remove "
-                                               "the file or set strict: false to skip "
-                                               "unreadable images")
-                if problem:
-                    warnings.warn(f"skipping unreadable image {path} ({problem})", stacklevel=4)
-                    self.skipped.append(path)
-        bad = set(self.skipped)
-        self.names = [f for f in files if f not in bad]
-        index = {name: i for i, name in enumerate(self.classes)}
-        self.labels = [index.get(Path(f).relative_to(root).parts[0], -1) for f in self.names]
+    def name(self, i: int) -> str:
+        return os.path.join(self.root, self._row(i)[0])
 
     def load(self, i: int) -> tuple[Image.Image, int]:
-        return Image.open(self.names[i]), self.labels[i]
+        path, label = self._row(i)
+        return Image.open(os.path.join(self.root, path)), label
 
 
 class _Table(_Reader):
@@ -303,7 +292,13 @@ class _Table(_Reader):
             raise ValueError(f"data config label_column={self.label_column!r} must hold integer "
                              f"labels, not {feature}")
         self.table = table.select_columns([c for c in (self.image_column, self.label_column) if c])
-        self.names = [f"{source} row {i}" for i in range(len(table))]
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def name(self, i: int) -> str:
+        return f"{self.source} row {i}"
 
     def load(self, i: int) -> tuple[Image.Image, int]:
         row = self.table[i]
@@ -332,27 +327,27 @@ def _lmdb_env(path: str) -> Any:
     return env
 
 
-class _Lmdb(_Reader):
+class _Lmdb(_Listed):
     """An LSUN LMDB export (values are encoded images, keys arbitrary). The environment is opened
     lazily in each process, so that the reader works in DataLoader workers."""
 
-    def __init__(self, path: str) -> None:
-        try:
-            import lmdb  # noqa: F401
-        except ImportError as err:
-            raise ImportError("the lsun: source needs the lmdb package: pip install lmdb") from err
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"LSUN LMDB {path} does not exist; {ACCEPTED}")
-        self.path = os.path.realpath(path)
-        with _lmdb_env(self.path).begin() as txn:
-            self.names = list(txn.cursor().iternext(keys=True, values=False))
-
     def load(self, i: int) -> tuple[Image.Image, int]:
-        with _lmdb_env(self.path).begin() as txn:
-            return Image.open(io.BytesIO(txn.get(self.names[i]))), -1
+        with _lmdb_env(self.root).begin() as txn:
+            return Image.open(io.BytesIO(txn.get(self._row(i)[0]))), -1
 
     def name(self, i: int) -> str:
-        return f"{self.path} key {self.names[i]!r}"
+        return f"{self.root} key {self._row(i)[0]!r}"
+
+
+def _lmdb_reader(path: str, config: DataConfig) -> _Lmdb:
+    try:
+        import lmdb  # noqa: F401
+    except ImportError as err:
+        raise ImportError("the lsun: source needs the lmdb package: pip install lmdb") from err
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"LSUN LMDB {path} does not exist; {ACCEPTED}")
+    path = os.path.realpath(path)
+    return _Lmdb(open_manifest(path, "lmdb", lmdb_env=_lmdb_env(path)), config.split)
 
 
 def _reader(config: DataConfig) -> _Reader:
@@ -361,7 +356,7 @@ def _reader(config: DataConfig) -> _Reader:
     if source == "digits":
         return _Digits(config)
     if source.startswith("lsun:"):
-        return _Lmdb(os.path.expanduser(source[len("lsun:"):]))
+        return _lmdb_reader(os.path.expanduser(source[len("lsun:"):]), config)
     if os.path.isfile(path):
         if not path.endswith((".parquet", ".arrow")):
             raise ValueError(f"data source {source!r} is a file but not .parquet / .arrow; "
@@ -372,7 +367,7 @@ def _reader(config: DataConfig) -> _Reader:
         return _Table(read(path), source, config)
     saved = any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
     if os.path.isdir(path) and not saved:
-        return _Folder(path, config.strict)
+        return _Folder(open_manifest(path, "folder"), config.split)
     if not saved and (source.startswith(("/", ".", "~")) or path.endswith((".parquet", ".arrow"))):
         raise FileNotFoundError(f"data source {source!r} does not exist; {ACCEPTED}")
     import datasets
@@ -394,7 +389,7 @@ def _reader(config: DataConfig) -> _Reader:
     return _Table(table, source, config)
 
 
-def split_indices(count: int, config: DataConfig, part: str) -> list[int]:
+def split_indices(count: int, config: DataConfig, part: str) -> np.ndarray:
     """The sorted item indices of ``part``: of a permutation seeded by ``seed``, the last
     ``validation_size`` items (a count, or a rounded fraction, at least 1) are "validation"."""
     size = config.validation_size
@@ -402,8 +397,8 @@ def split_indices(count: int, config: DataConfig, part: str) -> list[int]:
     if held >= count:
         raise ValueError(f"data config validation_size={size!r} leaves no training images "
                          f"({count} images in all); use a smaller fraction or count")
-    order = np.random.RandomState(config.seed).permutation(count).tolist()  # frozen stream
-    return sorted(order[:count - held] if part == "train" else order[count - held:])
+    order = np.random.RandomState(config.seed).permutation(count)  # frozen stream
+    return np.sort(order[:count - held] if part == "train" else order[count - held:])
 
 
 def build_dataset(config: DataConfig | Mapping[str, Any], part: str = "train") -> ImageDataset:

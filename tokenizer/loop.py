@@ -9,11 +9,12 @@ import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader, Dataset
 
 from .checkpoints import CheckpointError, checkpoint_step, load_checkpoint, resolve_resume
@@ -51,8 +52,11 @@ def seeded_batches(dataset: Dataset, batch_size: int, accumulation: int, seed: i
         order = torch.randperm(len(dataset), generator=generator)[: per_epoch * per_step]
         mine = order.view(per_epoch, per_step)[skip:, accelerator.process_index::
                                                     accelerator.num_processes]
-        loader = DataLoader(dataset, batch_sampler=mine.reshape(-1, batch_size).tolist(),
-                            num_workers=num_workers, generator=generator)
+        # batches are made as the loader asks for them: no Python list of the epoch's indices
+        loader = DataLoader(dataset, batch_sampler=(b.tolist() for b in
+                                                    mine.reshape(-1, batch_size)),
+                            num_workers=num_workers, generator=generator,
+                            pin_memory=accelerator.device.type == "cuda")
         yield from loader
         epoch, skip = epoch + 1, 0
 
@@ -62,6 +66,39 @@ def all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
     collectives of the next step would deadlock)."""
     bad = (~torch.isfinite(loss.detach())).float()
     return accelerator.reduce(bad, reduction="max").item() == 0  # accelerate has no "min"
+
+
+T = TypeVar("T")
+
+
+def check_precision(accelerator: Accelerator) -> None:
+    """Refuse a mixed precision the device lacks: fp16 (with loss scaling) is for CUDA; bf16
+    runs on CPUs and on GPUs that have it."""
+    device, precision = accelerator.device.type, accelerator.mixed_precision
+    if precision == "fp16" and device != "cuda":
+        raise ConfigError(f"train.mixed_precision = 'fp16' needs a CUDA device (this run is on "
+                          f"{device}); choose bf16, which CPUs have, or no")
+    if precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.mixed_precision = 'bf16' is not supported by this GPU; choose "
+                          "fp16 or no")
+
+
+def main_process_decides(accelerator: Accelerator | None, decide: Callable[[], T]) -> T:
+    """``decide()`` run by the main process alone, its result (or its exception) handed to every
+    process. A decision that leads processes into collectives (a cache hit, a file that exists)
+    must be the same on all of them: node-local folders may differ."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return decide()
+    outcome: list[Any] = [None, None]
+    if accelerator.is_main_process:
+        try:
+            outcome = [decide(), None]
+        except Exception as err:  # noqa: BLE001 - raised on every process below
+            outcome = [None, err]
+    broadcast_object_list(outcome, from_process=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
 
 
 def mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict:

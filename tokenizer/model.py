@@ -152,10 +152,11 @@ class Decoder(nn.Module):
 @dataclass
 class VQTokenizerOutput(BaseOutput):
     """``sample``: the reconstruction; ``quantized``: the quantizer's output (loss, indices,
-    counts, perplexity)."""
+    counts, perplexity). Every field has a default so that accelerate can rebuild it from a
+    mapping (``convert_outputs_to_fp32`` under mixed precision)."""
 
-    sample: torch.Tensor
-    quantized: QuantizerOutput
+    sample: torch.Tensor | None = None
+    quantized: QuantizerOutput | None = None
 
 
 class VQTokenizer(ModelMixin, ConfigMixin):

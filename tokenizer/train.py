@@ -18,7 +18,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from .checkpoints import save_checkpoint
-from .loop import (NonFiniteGuard, Progress, preemptible, all_finite,
+from .loop import (NonFiniteGuard, Progress, preemptible, all_finite, check_precision,
                    check_replicas_agree, mean_over_processes, seeded_batches, start_run)
 from .config import (ConfigError, build_dataclass, check_section, check_sections, require,
                      signature_hints)
@@ -132,11 +132,13 @@ def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with="tensorboard", project_dir=str(output_dir))
+    check_precision(accelerator)
     set_seed(cfg.seed)
     model = VQTokenizer(**recipe.model)
     loss_fn = VQGANLoss(recipe.loss).to(accelerator.device)  # fails fast without VGG weights
-    train_set = build_dataset(recipe.data, "train")
-    val_set = build_dataset(recipe.data, "validation")
+    with accelerator.local_main_process_first():  # it lists the data once for everyone
+        train_set = build_dataset(recipe.data, "train")
+        val_set = build_dataset(recipe.data, "validation")
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
