@@ -198,14 +198,19 @@ def _encode_shards(tokenizer: VQTokenizer, dataset: Dataset, root: Path, shards:
         labels.append(y)
         end = chunk.stop * per_image
         if end % shard_size == 0 or end == count:  # the shard is done
-            path = root / _shard_name((end - 1) // shard_size)
-            tmp = path.with_name(path.name + ".tmp")
-            block = torch.cat(latents).contiguous()
-            n, mean, m2 = _moments(block)
-            save_file({"latents": block, "labels": torch.cat(labels)}, tmp,
-                      metadata={"count": str(n), "mean": repr(mean), "m2": repr(m2)})
-            os.replace(tmp, path)  # a killed run never leaves a half shard under the real name
+            write_shard(root, (end - 1) // shard_size, torch.cat(latents), torch.cat(labels))
             latents, labels = [], []
+
+
+def write_shard(root: Path, k: int, latents: torch.Tensor, labels: torch.Tensor) -> None:
+    """Shard ``k`` with the moments of its latent values in its metadata, written atomically (a
+    killed run never leaves a half shard under the real name)."""
+    path = root / _shard_name(k)
+    tmp = path.with_name(path.name + ".tmp")
+    n, mean, m2 = _moments(latents)
+    save_file({"latents": latents.contiguous(), "labels": labels.long().contiguous()}, tmp,
+              metadata={"count": str(n), "mean": repr(mean), "m2": repr(m2)})
+    os.replace(tmp, path)
 
 
 def _summary(root: Path, names: list[str]) -> dict[str, Any]:
@@ -304,12 +309,19 @@ def build_latent_cache(tokenizer: VQTokenizer, data_config: DataConfig | Mapping
             tokenizer.train(was_training)
     barrier()
     if rank == 0:
-        _write_json(root / METADATA, {
-            **settings, "dataset_size": len(dataset), "count": count, "shard_size": shard_size,
-            "shards": names, **_summary(root, names), "complete": True})
-        (root / PENDING).unlink(missing_ok=True)
+        complete_cache(root, settings, len(dataset), count, shard_size)
     barrier()
     return _open(root, rank)
+
+
+def complete_cache(root: Path, settings: dict[str, Any], dataset_size: int, count: int,
+                   shard_size: int) -> None:
+    """Write metadata.json for the finished shards in ``root`` (which marks the cache complete)."""
+    names = [_shard_name(k) for k in range(math.ceil(count / shard_size))]
+    _write_json(root / METADATA, {
+        **settings, "dataset_size": dataset_size, "count": count, "shard_size": shard_size,
+        "shards": names, **_summary(root, names), "complete": True})
+    (root / PENDING).unlink(missing_ok=True)
 
 
 def _open(root: Path, rank: int) -> LatentCache:
@@ -323,15 +335,17 @@ def _open(root: Path, rank: int) -> LatentCache:
                                 "shares)") from None
 
 
-def _map_shard(path: Path) -> dict[str, np.ndarray]:
-    """Read-only memory maps of a safetensors file's tensors (its header says where each one
-    lies: 8 bytes of header length, the JSON header, then the data)."""
+def _map_shard(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors over memory maps of a safetensors file (its header says where each one lies: 8
+    bytes of header length, the JSON header, then the data). Copy-on-write: a process that
+    writes into an item changes its own copy, never the file."""
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
-    return {name: np.memmap(path, dtype=_NUMPY[info["dtype"]], mode="r",
-                            offset=8 + length + info["data_offsets"][0],
-                            shape=tuple(info["shape"]))
+    return {name: torch.from_numpy(np.memmap(path, dtype=_NUMPY[info["dtype"]], mode="c",
+                                             offset=8 + length + info["data_offsets"][0],
+                                             shape=tuple(info["shape"])).view(np.ndarray)
+                                   ).view(_TORCH[info["dtype"]])
             for name, info in header.items() if name != "__metadata__"}
 
 
@@ -339,8 +353,8 @@ class LatentCache(Dataset):
     """A complete latent cache; items are ``{"latents": C×h×w float32, "label": int64 scalar}``.
 
     Opening one reads metadata.json (``metadata``); the shards are memory-mapped on first use in
-    each process (and again in each loader worker), never loaded whole. ``__getitems__`` reads a
-    batch with one gather per shard it touches."""
+    each process (and again in each loader worker), never loaded whole: an item is a view of the
+    mapped file (float32 storage) until the loader's collate copies it into the batch."""
 
     def __init__(self, cache_dir: str | os.PathLike) -> None:
         self.root = Path(cache_dir)
@@ -359,12 +373,12 @@ class LatentCache(Dataset):
         self.metadata: dict[str, Any] = metadata
         self.shard_size = metadata["shard_size"]
         self.dtype = DTYPES[metadata["dtype"]]
-        self._maps: list[dict[str, np.ndarray]] | None = None
+        self._maps: list[dict[str, torch.Tensor]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # a loader worker maps the files itself
         return {**self.__dict__, "_maps": None}
 
-    def _shards(self) -> list[dict[str, np.ndarray]]:
+    def _shards(self) -> list[dict[str, torch.Tensor]]:
         if self._maps is None:
             maps = [_map_shard(self.root / name) for name in self.metadata["shards"]]
             shape = [len(maps[-1]["labels"]) + self.shard_size * (len(maps) - 1),
@@ -380,30 +394,17 @@ class LatentCache(Dataset):
     def __len__(self) -> int:
         return self.metadata["count"]
 
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        index = np.asarray(indices, dtype=np.int64)
-        if len(index) and (index.min() < 0 or index.max() >= len(self)):
-            raise IndexError(f"latent cache index out of range 0..{len(self) - 1}")
-        shard, row = np.divmod(index, self.shard_size)
-        maps = self._shards()
-        latents = np.empty((len(index), *maps[0]["latents"].shape[1:]),
-                           maps[0]["latents"].dtype)
-        labels = np.empty(len(index), np.int64)
-        for k in np.unique(shard):
-            mine = shard == k
-            latents[mine] = maps[k]["latents"][row[mine]]
-            labels[mine] = maps[k]["labels"][row[mine]]
-        latents = torch.from_numpy(latents).view(self.dtype).float()
-        labels = torch.from_numpy(labels)
-        return [{"latents": z, "label": y} for z, y in zip(latents, labels)]
-
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([i])[0]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"latent cache index {i} out of range 0..{len(self) - 1}")
+        shard = self._shards()[(i % len(self)) // self.shard_size]
+        row = (i % len(self)) % self.shard_size
+        return {"latents": shard["latents"][row].float(), "label": shard["labels"][row]}
 
     def load(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Items ``start:stop`` as (latents float32, labels), in memory: for small caches and
         checks, not for training."""
-        items = self.__getitems__(list(range(len(self)))[start:stop])
+        items = [self[i] for i in range(len(self))[start:stop]]
         return (torch.stack([item["latents"] for item in items]),
                 torch.stack([item["label"] for item in items]))
 

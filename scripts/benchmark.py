@@ -1,8 +1,10 @@
 """Speed and memory of the hot paths, as one Markdown table: quantizer forward+backward, tokenizer
-and UNet training steps, sampling, Inception feature extraction.
+and UNet training steps, sampling, Inception feature extraction, the latent cache (resident
+memory and latents/s by cache size and process count) and the data path (listing a folder,
+encoding a latent cache).
 
     python scripts/benchmark.py [--size tiny|real] [--device cuda] [--json rows.json]
-        [--only quantizer,tokenizer,unet,sampling,inception]
+        [--only quantizer,tokenizer,unet,sampling,inception,cache,data]
         [--inception-weights PATH | --random-inception] [--tokenizer-config YAML]
 
 --size defaults to "real" (the papers' settings) on CUDA and "tiny" (smoke sizes) on CPU. Times
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("quantizer", "tokenizer", "unet", "sampling", "inception")
+FAMILIES = ("quantizer", "tokenizer", "unet", "sampling", "inception", "cache", "data")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -314,11 +316,163 @@ def bench_inception(args, device) -> list[dict]:
                 notes)]
 
 
-BENCHMARKS = {"quantizer": bench_quantizer, "tokenizer": bench_tokenizer, "unet": bench_unet,
-              "sampling": bench_sampling, "inception": bench_inception}
 
 
 # ------------------------------------------------------------------------------------ output
+
+CACHE_READER = r"""
+import json, sys, time
+import torch
+from torch.utils.data import DataLoader
+from diffusion.latent_cache import LatentCache
+
+def memory():  # resident (anonymous, file-backed) and proportional set size, in bytes
+    fields = {}
+    for name in ("/proc/self/status", "/proc/self/smaps_rollup"):
+        for line in open(name):
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "Pss"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+root, rank, world, in_memory = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+before = memory()
+cache = LatentCache(root)
+if in_memory:  # what format 1 did: every shard read into this process
+    latents, labels = cache.load()
+    class Cache(torch.utils.data.Dataset):
+        def __len__(self): return len(labels)
+        def __getitem__(self, i): return {"latents": latents[i], "label": labels[i]}
+    cache = Cache()
+opened = memory()
+order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(0))[rank::world]
+loader = DataLoader(cache, batch_sampler=(b.tolist() for b in order.split(64)))
+start = time.perf_counter()
+for batch in loader:
+    pass
+seconds = time.perf_counter() - start
+print(json.dumps({"before": before, "opened": opened, "epoch": memory(), "items": len(order),
+                  "seconds": seconds}))
+"""
+
+
+def _synthetic_cache(root: Path, count: int, shape=(4, 32, 32)) -> None:
+    """A complete latent cache of ``count`` random float32 latents, without a tokenizer."""
+    from diffusion.latent_cache import FORMAT, complete_cache, write_shard
+    shard_size = 4096
+    root.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for k, start in enumerate(range(0, count, shard_size)):
+        n = min(shard_size, count - start)
+        write_shard(root, k, torch.randn(n, *shape, generator=generator),
+                    torch.randint(0, 1000, (n,), generator=generator))
+    settings = {"format": FORMAT, "data": {}, "part": "train", "quantized": True,
+                "flips": False, "dtype": "float32", "precision": "no"}
+    complete_cache(root, settings, count, count, shard_size)
+
+
+def bench_cache(args, device) -> list[dict]:
+    """Per-process resident memory on opening a latent cache and after one epoch over it, and
+    latents/s, for caches of about 64 MB, 256 MB and 1 GB (tiny: 4 and 16 MB), with 1 and 2
+    processes reading disjoint halves, memory-mapped (ours) and loaded whole (format 1)."""
+    import subprocess
+    import sys
+    sizes = [64, 256, 1024] if args.size == "real" else [4, 16]
+    rows = []
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mib in sizes:
+            root = Path(tmp) / f"cache{mib}"
+            count = mib * 2**20 // (4 * 32 * 32 * 4)
+            _synthetic_cache(root, count)
+            size = sum(p.stat().st_size for p in root.iterdir())
+            for in_memory in ("0", "1") if mib <= 256 else ("0",):
+                for world in (1, 2):
+                    procs = [subprocess.Popen([sys.executable, "-c", CACHE_READER, str(root),
+                                               str(r), str(world), in_memory], env=env,
+                                              stdout=subprocess.PIPE, text=True)
+                             for r in range(world)]
+                    reports = [json.loads(p.communicate()[0].splitlines()[-1]) for p in procs]
+                    r = reports[0]
+                    opened = (r["opened"]["RssAnon"] + r["opened"]["RssFile"]
+                              - r["before"]["RssAnon"] - r["before"]["RssFile"])
+                    anon = r["epoch"]["RssAnon"] - r["before"]["RssAnon"]
+                    seconds = max(x["seconds"] for x in reports)
+                    items = sum(x["items"] for x in reports)
+                    kind = "loaded whole (format 1)" if in_memory == "1" else "memory-mapped"
+                    rows.append(row(
+                        "cache", f"latent cache, {kind}", f"{size / 2**20:,.0f} MiB, {world} "
+                        f"process{'es' if world > 1 else ''}", seconds, None, items, "latents/s",
+                        f"per process: +{opened / 2**20:,.1f} MiB resident on opening "
+                        f"({100 * opened / size:.1f}% of the cache); after the epoch "
+                        f"+{anon / 2**20:,.1f} MiB private, PSS "
+                        f"+{(r['epoch']['Pss'] - r['before']['Pss']) / 2**20:,.0f} MiB"))
+            __import__("shutil").rmtree(root)
+    return rows
+
+
+def bench_data(args, device) -> list[dict]:
+    """Listing an image folder (100,000 files in 1,000 class folders; tiny: 2,000 in 20) into a
+    manifest, the first time and from the manifest, and encoding a latent cache at 256 px with
+    flips (the real recipes' f8 tokenizer; tiny: 8 channels wide): one decode per image pair,
+    loader workers, bf16 autocast."""
+    import os
+    from accelerate import Accelerator
+    from diffusion.latent_cache import build_latent_cache
+    from tokenizer import VQTokenizer
+    from tokenizer.manifest import open_manifest
+    from PIL import Image
+    files, classes = (100_000, 1000) if args.size == "real" else (2_000, 20)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "images" / "train"
+        for c in range(classes):
+            (root / f"n{c:08d}").mkdir(parents=True)
+            for i in range(files // classes):
+                (root / f"n{c:08d}" / f"{i:06d}.JPEG").touch()  # names only: no decode
+        cache = Path(tmp) / "manifests"
+        for what in ("first listing", "manifest reused"):
+            start = time.perf_counter()
+            manifest = open_manifest(str(root), "folder", cache_dir=cache)
+            seconds = time.perf_counter() - start
+            rows.append(row("data", f"image folder, {what}", f"{len(manifest.table):,} files, "
+                            f"{classes:,} classes", seconds, None, files, "files/s"))
+        images = Path(tmp) / "photos"
+        images.mkdir()
+        count = 17 if args.size == "tiny" else 65  # one image is held out
+        generator = torch.Generator().manual_seed(0)
+        for i in range(count):
+            array = (torch.rand(288, 288, 3, generator=generator) * 255).byte().numpy()
+            Image.fromarray(array).save(images / f"{i:05d}.jpg", quality=90)
+        model = yaml.safe_load(open(ROOT / "configs/tokenizer/ffhq_f8_cvq.yaml"))["model"]
+        if args.size == "tiny":
+            model["ch"] = 8
+        torch.manual_seed(0)
+        tokenizer = VQTokenizer(**model)
+        os.environ.setdefault("NEVERCOLLAPSE_DATA_CACHE", str(cache))
+        for precision, workers in (("no", 0), ("bf16", 2)):
+            accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+            start = time.perf_counter()
+            build_latent_cache(tokenizer, {"source": str(images), "resolution": 256,
+                                           "validation_size": 1},
+                               Path(tmp) / f"latents-{precision}", flips=True, batch_size=16,
+                               accelerator=accelerator, num_workers=workers)
+            seconds = time.perf_counter() - start
+            accelerator.free_memory()
+            from accelerate.state import AcceleratorState, GradientState
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            rows.append(row("data", f"latent cache encoding, {precision}, {workers} workers",
+                            f"{count - 1} images at 256 px, flips, ch {model['ch']}", seconds,
+                            None, count - 1, "images/s",
+                            f"{2 * (count - 1) / seconds:,.1f} latents/s"))
+    return rows
+
+
+BENCHMARKS = {"quantizer": bench_quantizer, "tokenizer": bench_tokenizer, "unet": bench_unet,
+              "sampling": bench_sampling, "inception": bench_inception, "cache": bench_cache,
+              "data": bench_data}
+
 
 def table(rows: list[dict], device: torch.device, size: str) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("quantizer", "tokenizer", "unet", "sampling", "inception")
+FAMILIES = ("quantizer", "tokenizer", "unet", "sampling", "inception", "cache", "data")
 
 
 def benchmark(*args, tmp_path):
@@ -44,6 +44,9 @@ def test_every_row_family_is_timed_and_written_as_json(tmp_path):
     whats = [r["what"] for r in rows]
     assert any("chunked" in w for w in whats) and any("dense" in w for w in whats)
     assert any("LDMPipeline" in w for w in whats) and any("ours" in w for w in whats)
+    cache = [r for r in rows if r["family"] == "cache"]  # 2 sizes x 2 kinds x 1, 2 processes
+    assert len(cache) == 8 and all("on opening" in r["notes"] for r in cache)
+    assert {r["unit"] for r in rows if r["family"] == "data"} == {"files/s", "images/s"}
 
 
 def test_only_selects_rows_and_inception_without_weights_is_skipped(tmp_path):

@@ -121,16 +121,16 @@ def test_folder_is_listed_once_and_again_when_it_changes(tmp_path: Path, capfd) 
     _imagefolder_tree(root)
     config = {"source": str(root), "resolution": 8, "validation_size": 1}
     assert len(build_dataset(config, "train")) + 1 == 6
-    assert "listing" in capfd.readouterr().out
+    assert "listing" in capfd.readouterr().err
     build_dataset(config, "validation")  # the other part, another process: the same manifest
     subprocess.run([sys.executable, "-c", "import sys; from tokenizer.data import "
                     "build_dataset; build_dataset({'source': sys.argv[1]})", str(root)],
                    cwd=ROOT, check=True)
-    assert "listing" not in capfd.readouterr().out
+    assert "listing" not in capfd.readouterr().err
     Image.new("RGB", (8, 8)).save(root / "train" / "cat" / "new.png")
     assert len(build_dataset(config, "train")) + 1 == 7
-    out = capfd.readouterr().out
-    assert "listing" in out and "train/cat changed" in out
+    err = capfd.readouterr().err
+    assert "listing" in err and "train/cat changed" in err
 
 
 def test_folder_without_class_folders_has_no_labels(tmp_path: Path) -> None:

@@ -237,11 +237,14 @@ def test_items_and_batches_read_the_mapped_shards(built):
     _, cache = built
     latents, labels = cache.load()
     index = [1699, 0, 300, 5, 256, 255]  # across shards, in any order
-    batch = cache.__getitems__(index)
+    batch = [cache[i] for i in index]
     assert all(torch.equal(item["latents"], latents[i]) for item, i in zip(batch, index))
     assert [int(item["label"]) for item in batch] == labels[index].tolist()
     again = pickle.loads(pickle.dumps(cache))  # a loader worker maps the files again
     assert again._maps is None and torch.equal(again[300]["latents"], latents[300])
+    item = again[-1]
+    item["latents"].zero_()  # copy-on-write: the file and other readers keep their values
+    assert torch.equal(cache[1699]["latents"], latents[1699]) and latents[1699].abs().sum() > 0
     loader = torch.utils.data.DataLoader(cache, batch_size=100, num_workers=2)
     assert torch.equal(torch.cat([b["latents"] for b in loader]), latents)
     with pytest.raises(IndexError):

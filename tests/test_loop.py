@@ -8,7 +8,7 @@ from tokenizer.loop import NonFiniteGuard, seeded_batches
 
 
 class OneProcess(SimpleNamespace):
-    num_processes, process_index = 1, 0
+    num_processes, process_index, device = 1, 0, torch.device("cpu")
 
     def print(self, *args):
         self.printed.append(" ".join(map(str, args)))

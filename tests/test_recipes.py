@@ -122,9 +122,6 @@ def test_tokenizer_recipe_as_shipped(path, tmp_path, vgg_torch_home):
     tokenizer = VQTokenizer.from_pretrained(out / "tokenizer")
     assert tokenizer.config.quantizer == recipe["model"]["quantizer"]
     assert dict(tokenizer.config.quantizer_options) == recipe["model"]["quantizer_options"]
-    used = parse_yaml((out / "config.yaml").read_text())
-    assert used["train"]["mixed_precision"] == recipe["train"].get("mixed_precision", "no")
-    assert used["train"]["num_workers"] == recipe["train"].get("num_workers", 0)
     checkpoint = out / "checkpoints" / "step_00000003"
     assert (checkpoint / "model_1.safetensors").is_file() == gan  # the discriminator trained
     x = torch.rand(2, recipe["model"].get("in_channels", 3), side, side) * 2 - 1
@@ -190,3 +187,56 @@ def test_diffusion_recipe_as_shipped(path, tmp_path, fake_inception_file):
     assert sampling["eta"] == protocol.get("eta", 0.0)
     if unet["num_classes"]:
         assert sampling["guidance_scale"] == protocol["guidance_scale"]
+
+
+# ------------------------------------------------------------------ the recipes' real sizes, GPU
+# python -m pytest -m cuda: both trainers in bf16 at the recipes' real model sizes (a few steps,
+# checkpoint and resume), the pipeline in bf16 and fp16 with its codebook in float32, and the
+# FID stream; minutes on one GPU.
+
+
+@pytest.fixture(scope="module")
+def real_size_run(tmp_path_factory, vgg_torch_home):
+    """ImageNet f8 CVQ tokenizer (bf16, 256 px, full width) trained 2 steps and resumed to 3,
+    then the class-conditional ImageNet LDM (bf16, full UNet) on its latents, likewise."""
+    tmp = tmp_path_factory.mktemp("cuda")
+    tokenizer_recipe = ROOT / "configs" / "tokenizer" / "imagenet_f8_cvq.yaml"
+    source = miniature_source(parse_yaml(tokenizer_recipe.read_text())["data"], tmp, 264)
+    env = {"TORCH_HOME": str(vgg_torch_home)}
+    stage_one = ["--config", str(tokenizer_recipe), "--output-dir", str(tmp / "stage_one"),
+                 f"data.source={source}", "train.batch_size=2", "loss.disc_start=1",
+                 "train.checkpoint_every=2"]
+    run("train_tokenizer.py", *stage_one, "train.max_steps=2", env=env)
+    done = run("train_tokenizer.py", *stage_one, "train.max_steps=3", "--resume", "latest",
+               env=env)
+    assert "at step 2" in done.stdout + done.stderr
+    stage_two = ["--config", str(ROOT / "configs" / "diffusion" / "imagenet_cin.yaml"),
+                 "--tokenizer", str(tmp / "stage_one" / "tokenizer"), "--output-dir",
+                 str(tmp / "stage_two"), f"data.source={source}", "train.batch_size=4",
+                 "train.sample_steps=4", "train.checkpoint_every=2"]
+    run("train_diffusion.py", *stage_two, "train.max_steps=2")
+    done = run("train_diffusion.py", *stage_two, "train.max_steps=3", "--resume", "latest")
+    assert "at step 2" in done.stdout + done.stderr
+    return tmp
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_pipeline_in_half_precision_keeps_the_codebook_in_float32(real_size_run, dtype):
+    from pipelines.sampling import load_pipeline
+    pipe = load_pipeline(real_size_run / "stage_two" / "pipeline", dtype).to("cuda")
+    assert pipe.vqvae.vector_quantizer.codebook.dtype == torch.float32
+    assert pipe.unet.dtype == dtype
+    images = pipe([1, 2], num_inference_steps=4, guidance_scale=1.5, output_type="pt").images
+    assert images.shape == (2, 3, 256, 256) and torch.isfinite(images).all()
+
+
+@pytest.mark.cuda
+def test_cuda_fid_stream(real_size_run, fake_inception_file):
+    report = real_size_run / "fid.json"
+    run("eval_fid.py", "--pipeline", str(real_size_run / "stage_two" / "pipeline"),
+        "--num-samples", "8", "--reference-images", "8", "--steps", "10", "--dtype", "bfloat16",
+        "--inception-weights", str(fake_inception_file), "--cache-dir",
+        str(real_size_run / "fid"), "--out", str(report))
+    result = json.loads(report.read_text())
+    assert math.isfinite(result["metrics"]["fid"]) and result["device"].startswith("cuda")

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,7 @@ def open_manifest(source: str, kind: str, cache_dir: str | os.PathLike | None = 
             reason = f"it is unreadable ({err})"
         if reason is None:
             return manifest
-    print(f"data: listing {source} into {path} ({reason})", flush=True)
+    print(f"data: listing {source} into {path} ({reason})", file=sys.stderr, flush=True)
     start = time.perf_counter()
     if kind == "lmdb":
         _scan_lmdb(source, path, lmdb_env)
@@ -229,5 +230,5 @@ def open_manifest(source: str, kind: str, cache_dir: str | os.PathLike | None = 
         _scan_folder(source, path)
     manifest = Manifest(path)
     print(f"data: {len(manifest.table):,} images listed in {time.perf_counter() - start:.1f} s",
-          flush=True)
+          file=sys.stderr, flush=True)
     return manifest
