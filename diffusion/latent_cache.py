@@ -189,8 +189,8 @@ def _encode_shards(tokenizer: VQTokenizer, dataset: Dataset, root: Path, shards:
             x = torch.cat([x, x.flip(-1)])
         with autocast():
             h = tokenizer.encode(x).latents
-            z = tokenizer.quantize(h).z_q if quantized else h
-        z = z.float()
+        # the quantizer gets float32 latents, so z_q holds its float32 codes exactly
+        z = tokenizer.quantize(h.float()).z_q if quantized else h.float()
         if flips:  # image i, then its mirror image
             z = torch.stack([z[:len(y)], z[len(y):]], 1).flatten(0, 1)
             y = y.repeat_interleave(2)
@@ -216,16 +216,17 @@ def write_shard(root: Path, k: int, latents: torch.Tensor, labels: torch.Tensor)
 def _summary(root: Path, names: list[str]) -> dict[str, Any]:
     """Shapes, label range and the latents' mean and std, from the shards' headers and labels
     (one small read per shard)."""
-    moments, low, high, shape = (0, 0.0, 0.0), None, None, None
+    moments, lows, highs = (0, 0.0, 0.0), [], []
     for name in names:
         with safe_open(str(root / name), framework="pt") as shard:
-            shape = shape or list(shard.get_slice("latents").get_shape()[1:])
+            shape = list(shard.get_slice("latents").get_shape()[1:])
             meta = shard.metadata()
             moments = _merge(moments, (int(meta["count"]), float(meta["mean"]),
                                        float(meta["m2"])))
             labels = shard.get_tensor("labels")
-        low = min(low, int(labels.min())) if low is not None else int(labels.min())
-        high = max(high, int(labels.max())) if high is not None else int(labels.max())
+        lows.append(int(labels.min()))
+        highs.append(int(labels.max()))
+    low, high = min(lows), max(highs)
     has_labels = low >= 0
     return {"latent_shape": shape, "latent_mean": moments[1],
             "latent_std": math.sqrt(moments[2] / max(moments[0] - 1, 1)),
@@ -372,7 +373,6 @@ class LatentCache(Dataset):
                 "scripts/train_diffusion.py again (it encodes the data into that folder)")
         self.metadata: dict[str, Any] = metadata
         self.shard_size = metadata["shard_size"]
-        self.dtype = DTYPES[metadata["dtype"]]
         self._maps: list[dict[str, torch.Tensor]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # a loader worker maps the files itself

@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ def _write(path: Path, batches, meta: dict[str, Any]) -> None:
                         ("label", pa.int32())],
                        metadata={"nevercollapse": json.dumps(meta)})
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f"{path.name}.partial{os.getpid()}")
+    partial = path.with_name(f"{path.name}.partial-{uuid.uuid4().hex}")  # unique across nodes
     with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for names, labels in batches:
             writer.write_batch(pa.record_batch(
