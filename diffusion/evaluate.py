@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from pipelines.sampling import image_labels, is_conditional, sample_images
-from tokenizer.config import require
-from tokenizer.data import DataConfig, build_dataset
-from tokenizer.fid import inception_features
-from tokenizer.loop import main_process_decides
+from engine.config import check_types, require
+from engine.data import DataConfig, build_dataset
+from engine.fid import inception_features
+from engine.distributed import main_process_decides
 
 CACHE_ENV = "NEVERCOLLAPSE_FID_CACHE"
 
@@ -53,6 +53,7 @@ class EvalConfig:
     reference_images: int | None = 50000
 
     def __post_init__(self):
+        check_types(self, "eval")
         require(self.num_samples >= 2, "eval.num_samples", self.num_samples, "must be >= 2")
         require(self.steps is None or self.steps >= 1, "eval.steps", self.steps,
                 "must be >= 1 or null")

@@ -39,8 +39,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from tokenizer.data import PARTS, DataConfig, build_dataset
-from tokenizer.loop import main_process_decides
+from engine.config import from_mapping
+from engine.data import PARTS, DataConfig, build_dataset
+from engine.distributed import main_process_decides
 from tokenizer.model import VQTokenizer
 
 FORMAT = 2  # 1: float32 only, mirror images in a second half, no statistics
@@ -79,11 +80,7 @@ def tokenizer_fingerprint(tokenizer: VQTokenizer) -> str:
 def _data_config(config: DataConfig | Mapping[str, Any], part: str) -> DataConfig:
     """``config`` as a DataConfig with fixed views (no random flip, center crop)."""
     if isinstance(config, Mapping):
-        allowed = [f.name for f in dataclasses.fields(DataConfig)]
-        unknown = [key for key in config if key not in allowed]
-        if unknown:
-            raise ValueError(f"unknown data config key(s) {unknown}; allowed keys: {allowed}")
-        config = DataConfig(**config)
+        config = from_mapping(DataConfig, dict(config), "data")
     elif not isinstance(config, DataConfig):
         raise TypeError(f"data_config must be a DataConfig or a dict, got {type(config).__name__}")
     if part == "train" and (config.flip or config.crop == "random"):

@@ -9,7 +9,7 @@ to encode), ``cache`` (``CacheConfig``), ``train`` (``DiffusionTrainConfig``) an
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,26 +20,20 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
-from tqdm.auto import tqdm
 
-from pipelines import ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline
-from pipelines import default_scheduler
+from engine.config import ConfigError, check_types, parse_yaml, require, to_mapping
+from engine.data import DataConfig, check_source_exists
+from engine.distributed import check_replicas_agree
+from engine.run import Run, check_precision, seeded_batches
+from pipelines import (ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline,
+                       default_scheduler)
 from pipelines.model_card import write_model_card
 from pipelines.sampling import TRAINING_CONFIG
 from tokenizer import VQTokenizer
-from tokenizer.checkpoints import save_checkpoint
-from tokenizer.config import ConfigError, build_dataclass, check_sections, parse_yaml, require
-from tokenizer.data import DataConfig, check_source_exists
-from tokenizer.loop import (NonFiniteGuard, Progress, preemptible, all_finite, check_precision,
-                            check_replicas_agree, mean_over_processes, seeded_batches,
-                            start_run)
 
 from .evaluate import EvalConfig
 from .latent_cache import DTYPES, build_latent_cache, measure_scaling_factor
 from .unet import UNetConfig, build_unet, training_scheduler
-
-SECTIONS = ("unet", "data", "cache", "train", "eval")
-
 
 @dataclass
 class CacheConfig:
@@ -67,6 +61,7 @@ class CacheConfig:
     num_workers: int = 0
 
     def __post_init__(self):
+        check_types(self, "cache")
         require(self.batch_size >= 1, "cache.batch_size", self.batch_size, "must be >= 1")
         require(self.shard_size >= 1, "cache.shard_size", self.shard_size, "must be >= 1")
         require(not self.flips or self.shard_size % 2 == 0, "cache.shard_size",
@@ -122,6 +117,7 @@ class DiffusionTrainConfig:
     max_nonfinite_steps: int = 5
 
     def __post_init__(self):
+        check_types(self, "train")
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every",
                     "sample_every", "sample_steps", "checkpoint_every", "keep_checkpoints",
                     "max_nonfinite_steps"):
@@ -138,21 +134,15 @@ class DiffusionTrainConfig:
 
 
 @dataclass
-class DiffusionRecipe:
+class DiffusionConfig:
+    """A whole stage-two config: ``unet``, ``data`` (the images to encode, read as the tokenizer
+    was trained), ``cache``, ``train`` and ``eval``."""
+
     unet: UNetConfig
     data: DataConfig
     cache: CacheConfig
     train: DiffusionTrainConfig
     eval: EvalConfig
-
-
-def parse_recipe(raw: dict) -> DiffusionRecipe:
-    check_sections(raw, SECTIONS)
-    return DiffusionRecipe(build_dataclass(UNetConfig, "unet", raw.get("unet")),
-                           build_dataclass(DataConfig, "data", raw.get("data")),
-                           build_dataclass(CacheConfig, "cache", raw.get("cache")),
-                           build_dataclass(DiffusionTrainConfig, "train", raw.get("train")),
-                           build_dataclass(EvalConfig, "eval", raw.get("eval")))
 
 
 def load_tokenizer(path: str | Path) -> VQTokenizer:
@@ -166,119 +156,100 @@ def load_tokenizer(path: str | Path) -> VQTokenizer:
     return tokenizer.eval().requires_grad_(False)
 
 
-def check_compatible(recipe: DiffusionRecipe, tokenizer: VQTokenizer) -> None:
+def check_compatible(config: DiffusionConfig, tokenizer: VQTokenizer) -> None:
     """The data must be read as the tokenizer was trained."""
-    require(recipe.data.resolution == tokenizer.config.resolution, "data.resolution",
-            recipe.data.resolution, f"must equal the tokenizer's resolution "
+    require(config.data.resolution == tokenizer.config.resolution, "data.resolution",
+            config.data.resolution, f"must equal the tokenizer's resolution "
             f"({tokenizer.config.resolution})")
-    require(recipe.data.channels == tokenizer.config.in_channels, "data.channels",
-            recipe.data.channels, f"must equal the tokenizer's in_channels "
+    require(config.data.channels == tokenizer.config.in_channels, "data.channels",
+            config.data.channels, f"must equal the tokenizer's in_channels "
             f"({tokenizer.config.in_channels})")
 
 
-def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_dir: str | Path,
-                    resume: str | None = None, raw_config: dict | None = None) -> Path:
+def train_diffusion(config: DiffusionConfig, tokenizer_dir: str | Path, output_dir: str | Path,
+                    resume: str | None = None) -> Path:
     """Encode the data once, train the UNet, checkpoint, and export ``output_dir/pipeline``."""
-    cfg = recipe.train
-    check_source_exists(recipe.data)  # before anything is built (configs may name absent data)
+    train = config.train
+    check_source_exists(config.data)  # before anything is built (configs may name absent data)
     output_dir = Path(output_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
-    check_compatible(recipe, tokenizer)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    check_compatible(config, tokenizer)
+    accelerator = Accelerator(mixed_precision=train.mixed_precision,
+                              gradient_accumulation_steps=train.gradient_accumulation_steps,
                               log_with="tensorboard", project_dir=str(output_dir))
     check_precision(accelerator)
-    set_seed(cfg.seed)
+    set_seed(train.seed)
     tokenizer.to(accelerator.device)
 
-    cache = build_latent_cache(tokenizer, recipe.data, recipe.cache.dir or output_dir / "latents",
-                               quantized=recipe.cache.quantized, flips=recipe.cache.flips,
-                               dtype=recipe.cache.dtype, batch_size=recipe.cache.batch_size,
-                               shard_size=recipe.cache.shard_size, accelerator=accelerator,
-                               num_workers=recipe.cache.num_workers)
+    cache = build_latent_cache(tokenizer, config.data, config.cache.dir or output_dir / "latents",
+                               quantized=config.cache.quantized, flips=config.cache.flips,
+                               dtype=config.cache.dtype, batch_size=config.cache.batch_size,
+                               shard_size=config.cache.shard_size, accelerator=accelerator,
+                               num_workers=config.cache.num_workers)
     scale = measure_scaling_factor(cache)
     tokenizer.register_to_config(scaling_factor=float(scale))  # exported with the pipeline
-    num_classes = recipe.unet.num_classes
+    num_classes = config.unet.num_classes
     if num_classes:
         low, high = cache.metadata["label_min"], cache.metadata["label_max"]
         require(low >= 0 and high < num_classes, "unet.num_classes", num_classes,
                 f"the data's labels span {low}..{high} (a class-conditional model needs every "
                 "item labelled in [0, num_classes))")
     channels, side = cache.metadata["latent_shape"][0], cache.metadata["latent_shape"][-1]
-    unet = build_unet(recipe.unet, channels, side)
-    ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True,
-                   power=cfg.ema_power, model_cls=type(unet), model_config=unet.config)
-    lr = cfg.learning_rate
-    if cfg.scale_lr:
-        lr *= cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, betas=tuple(cfg.adam_betas),
-                                  weight_decay=cfg.weight_decay)
+    unet = build_unet(config.unet, channels, side)
+    ema = EMAModel(unet.parameters(), decay=train.ema_decay, use_ema_warmup=True,
+                   power=train.ema_power, model_cls=type(unet), model_config=unet.config)
+    lr = train.learning_rate
+    if train.scale_lr:
+        lr *= train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, betas=tuple(train.adam_betas),
+                                  weight_decay=train.weight_decay)
     lr_schedule = get_scheduler("constant_with_warmup", optimizer,
-                                num_warmup_steps=cfg.warmup_steps * accelerator.num_processes)
+                                num_warmup_steps=train.warmup_steps * accelerator.num_processes)
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
     ema.to(accelerator.device)
-    progress = Progress()
-    states = {"progress": progress, "ema": ema}  # beside accelerate's state, loaded weights_only
-
-    run_config = raw_config or {k: asdict(getattr(recipe, k)) for k in SECTIONS}
-    checkpoints = start_run(accelerator, output_dir, resume, run_config, states)
+    run = Run(accelerator, output_dir, to_mapping(config), {"ema": ema}, resume=resume,
+              max_steps=train.max_steps, checkpoint_every=train.checkpoint_every,
+              keep_checkpoints=train.keep_checkpoints,
+              max_nonfinite_steps=train.max_nonfinite_steps, name="diffusion")
 
     noise_schedule = training_scheduler()
-    batches = seeded_batches(cache, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
-                             cfg.num_workers, accelerator, progress.step)
-    bar = tqdm(total=cfg.max_steps, initial=progress.step,
-               disable=not accelerator.is_local_main_process, desc="diffusion")
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps, checkpoints, accelerator)
-    saved_at = None
-    with preemptible(accelerator, bar) as stop:
-        while progress.step < cfg.max_steps:
-            stop.stop_if_requested(progress.step, saved_at == progress.step,
-                                   lambda: save_checkpoint(accelerator, checkpoints, progress.step,
-                                                           cfg.keep_checkpoints, states))
-            for _ in range(cfg.gradient_accumulation_steps):
-                batch = next(batches)
-                latents = batch["latents"].to(accelerator.device, non_blocking=True) * scale
-                noise = torch.randn_like(latents)
-                t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(latents),),
-                                  device=latents.device)
-                noisy = noise_schedule.add_noise(latents, noise, t)
-                labels = None
-                if num_classes:  # label dropout trains the null class (classifier-free guidance)
-                    labels = batch["label"].to(accelerator.device)
-                    drop = torch.rand(len(labels), device=labels.device) < cfg.label_dropout
-                    labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
-                with accelerator.accumulate(unet):
-                    prediction = unet(noisy, t, class_labels=labels).sample
-                    loss = F.mse_loss(prediction.float(), noise.float())
-                    finite = all_finite(accelerator, loss)
-                    if not finite:
-                        break
-                    accelerator.backward(loss)
-                    if cfg.max_grad_norm is not None and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    lr_schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if not guard.update(finite, progress.step):
-                continue
-            ema.step(unet.parameters())
-            progress.step += 1
-            bar.update(1)
-            if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
-                logs = mean_over_processes(accelerator, {"loss": loss.item()})
-                logs.update(lr=lr_schedule.get_last_lr()[0], ema_decay=ema.cur_decay_value or 0.0)
-                accelerator.log(logs, step=progress.step)
-                bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            if accelerator.is_main_process and (progress.step % cfg.sample_every == 0
-                                                or progress.step == cfg.max_steps):
-                with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer,
-                                   num_classes) as pipe:
-                    _save_grid(pipe, cfg, num_classes,
-                               output_dir / "images" / f"step_{progress.step:08d}.png")
-            if progress.step % cfg.checkpoint_every == 0 or progress.step == cfg.max_steps:
-                save_checkpoint(accelerator, checkpoints, progress.step, cfg.keep_checkpoints,
-                                states)
-                saved_at = progress.step
+    batches = seeded_batches(cache, train.batch_size, train.gradient_accumulation_steps,
+                             train.seed, train.num_workers, accelerator, run.step)
+    for step in run.steps():
+        for _ in range(train.gradient_accumulation_steps):
+            batch = next(batches)
+            latents = batch["latents"].to(accelerator.device, non_blocking=True) * scale
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(latents),),
+                              device=latents.device)
+            noisy = noise_schedule.add_noise(latents, noise, t)
+            labels = None
+            if num_classes:  # label dropout trains the null class (classifier-free guidance)
+                labels = batch["label"].to(accelerator.device)
+                drop = torch.rand(len(labels), device=labels.device) < train.label_dropout
+                labels = torch.where(drop, torch.full_like(labels, num_classes), labels)
+            with accelerator.accumulate(unet):
+                prediction = unet(noisy, t, class_labels=labels).sample
+                loss = F.mse_loss(prediction.float(), noise.float())
+                if not run.finite(loss):
+                    break
+                accelerator.backward(loss)
+                if train.max_grad_norm is not None and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(unet.parameters(), train.max_grad_norm)
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+        if run.skipped:
+            continue
+        ema.step(unet.parameters())
+        if run.due(train.log_every):
+            run.log({"loss": loss.item(), "lr": lr_schedule.get_last_lr()[0],
+                     "ema_decay": ema.cur_decay_value or 0.0}, show=("loss",))
+        if accelerator.is_main_process and run.due(train.sample_every):
+            with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer,
+                               num_classes) as pipe:
+                _save_grid(pipe, train, num_classes,
+                           output_dir / "images" / f"step_{step + 1:08d}.png")
 
     check_replicas_agree(accelerator, {
         **{f"unet.{k}": v for k, v in accelerator.unwrap_model(unet).state_dict().items()},
@@ -287,19 +258,19 @@ def train_diffusion(recipe: DiffusionRecipe, tokenizer_dir: str | Path, output_d
     if accelerator.is_main_process:
         with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer, num_classes) as pipe:
             pipe.save_pretrained(export)
-        describe_export(export, run_config, Path(tokenizer_dir), bool(num_classes))
+        describe_export(export, to_mapping(config), Path(tokenizer_dir), bool(num_classes))
         accelerator.print(f"pipeline exported to {export} (latent scaling_factor {scale:.4f})")
     accelerator.end_training()
     return export
 
 
-def describe_export(export: Path, run_config: dict, tokenizer_dir: Path,
+def describe_export(export: Path, config: dict, tokenizer_dir: Path,
                     conditional: bool) -> None:
     """Write the training configs of both stages into the pipeline folder
     (``training_config.yaml``, read by ``scripts/eval_fid.py`` for its defaults) and its model
     card."""
     tokenizer_config = tokenizer_dir.parent / "config.yaml"
-    configs = {"diffusion": run_config,
+    configs = {"diffusion": config,
                "tokenizer": (parse_yaml(tokenizer_config.read_text())
                              if tokenizer_config.is_file() else None)}
     (export / TRAINING_CONFIG).write_text(yaml.safe_dump(configs, sort_keys=False))
@@ -321,16 +292,16 @@ def _ema_pipeline(unet, ema: EMAModel, tokenizer: VQTokenizer, num_classes: int)
 
 
 @torch.no_grad()
-def _save_grid(pipe, cfg: DiffusionTrainConfig, num_classes: int, path: Path, count: int = 16):
+def _save_grid(pipe, train: DiffusionTrainConfig, num_classes: int, path: Path, count: int = 16):
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device=pipe.device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=pipe.device).manual_seed(train.seed)
     if num_classes:
         labels = [i % num_classes for i in range(count)]
-        images = pipe(labels, guidance_scale=cfg.sample_guidance,
-                      num_inference_steps=cfg.sample_steps, generator=generator,
+        images = pipe(labels, guidance_scale=train.sample_guidance,
+                      num_inference_steps=train.sample_steps, generator=generator,
                       output_type="pt").images
     else:
-        images = pipe(batch_size=count, num_inference_steps=cfg.sample_steps,
+        images = pipe(batch_size=count, num_inference_steps=train.sample_steps,
                       generator=generator, output_type="pt").images
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, path, nrow=int(count**0.5))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from diffusers import DDPMScheduler, UNet2DModel
 
-from tokenizer.config import require
+from engine.config import check_types, require
 
 
 @dataclass
@@ -33,6 +33,7 @@ class UNetConfig:
     num_classes: int = 0
 
     def __post_init__(self):
+        check_types(self, "unet")
         require(len(self.block_out_channels) >= 1 and min(self.block_out_channels) >= 1,
                 "unet.block_out_channels", self.block_out_channels, "positive channel counts")
         require(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),

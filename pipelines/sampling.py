@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tokenizer.config import parse_yaml
+from engine.config import parse_yaml
 
 from .class_conditional import ClassConditionalLatentDiffusionPipeline
 from .unconditional import LatentDiffusionPipeline

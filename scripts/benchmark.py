@@ -132,10 +132,11 @@ def tokenizer_step_time(config: str, batch_size: int, precision: str, device: to
     the GAN on from step 0) of ``config`` on random images, no data loading."""
     from tokenizer.losses import VQGANLoss
     from tokenizer.model import VQTokenizer
-    from tokenizer.train import parse_recipe
+    from engine.config import from_mapping
+    from tokenizer.train import TokenizerConfig
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        recipe = parse_recipe(yaml.safe_load(open(config)))
+        recipe = from_mapping(TokenizerConfig, yaml.safe_load(open(config)))
     recipe.loss.disc_start = 0  # measure the full GAN step
     model = VQTokenizer(**recipe.model).to(device).train()
     try:
@@ -268,8 +269,8 @@ def inception_weights(args) -> Path | None:
     --random-inception a random-weights file in a temporary folder; None if none of these."""
     import os
 
-    from tokenizer.fid import INCEPTION_FILE, find_inception_weights
-    from tokenizer.weights import NO_DOWNLOAD
+    from engine.fid import INCEPTION_FILE, find_inception_weights
+    from engine.weights import NO_DOWNLOAD
     if args.inception_weights:
         return Path(args.inception_weights)
     old = os.environ.get(NO_DOWNLOAD)
@@ -300,7 +301,7 @@ def inception_weights(args) -> Path | None:
 
 def bench_inception(args, device) -> list[dict]:
     """Inception v3 (torch-fidelity's) 2048-d features of uint8 images, images/s."""
-    from tokenizer.fid import inception_features, load_inception
+    from engine.fid import inception_features, load_inception
     batch, side = (64, 256) if args.size == "real" else (4, 32)
     setting = f"batch {batch}, {side}px -> 299px"
     path = inception_weights(args)
@@ -420,7 +421,7 @@ def bench_data(args, device) -> list[dict]:
     from accelerate import Accelerator
     from diffusion.latent_cache import build_latent_cache
     from tokenizer import VQTokenizer
-    from tokenizer.manifest import open_manifest
+    from engine.manifest import open_manifest
     from PIL import Image
     files, classes = (100_000, 1000) if args.size == "real" else (2_000, 20)
     rows = []

@@ -8,8 +8,8 @@ import argparse
 
 import torch
 
-from tokenizer.compare import DEFAULT_SETTINGS, format_table, train_and_evaluate
-from tokenizer.data import load_digits
+from tokenizer.experiments.compare import DEFAULT_SETTINGS, format_table, train_and_evaluate
+from tokenizer.experiments.mnist import load_digits
 
 
 def main() -> None:

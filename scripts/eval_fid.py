@@ -32,9 +32,9 @@ from diffusion.evaluate import (EvalConfig, file_digest, folder_digest, generate
                                 reference_features)
 from pipelines.model_card import record_evaluation
 from pipelines.sampling import is_conditional, load_pipeline, training_config
-from tokenizer.config import ConfigError, build_dataclass
-from tokenizer.data import DataConfig
-from tokenizer.fid import class_averaged_fid, fidelity_metrics, load_inception
+from engine.config import ConfigError, from_mapping
+from engine.data import DataConfig
+from engine.fid import class_averaged_fid, fidelity_metrics, load_inception
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NO_WEIGHTS = 3  # exit status when the Inception weights cannot be had (scripts/demo.sh uses it)
@@ -76,7 +76,7 @@ def parse_args() -> argparse.Namespace:
 
 def protocol(args, trained: dict, pipe) -> tuple[EvalConfig, int, float | None]:
     """The eval settings: the training config's ``eval`` section, overridden by the options."""
-    config = build_dataclass(EvalConfig, "eval", trained.get("eval"))
+    config = from_mapping(EvalConfig, trained.get("eval"), "eval")
     given = {"num_samples": args.num_samples, "steps": args.steps, "eta": args.eta,
              "guidance_scale": args.guidance_scale, "reference_part": args.reference_part}
     if args.reference_images is not None:
@@ -98,7 +98,7 @@ def reference_data(args, trained: dict, pipe) -> DataConfig:
     data.setdefault("channels", pipe.vqvae.config.in_channels)
     if args.reference:
         data["source"] = args.reference
-    return build_dataclass(DataConfig, "data", data)
+    return from_mapping(DataConfig, data, "data")
 
 
 def print_table(report: dict) -> None:

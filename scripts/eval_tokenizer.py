@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from tokenizer.config import ConfigError, build_dataclass, load_yaml
-from tokenizer.data import DataConfig, build_dataset
+from engine.config import ConfigError, from_mapping, load_yaml
+from engine.data import DataConfig, build_dataset
 from tokenizer.evaluate import evaluate_tokenizer
-from tokenizer.fid import load_inception
+from engine.fid import load_inception
 from tokenizer.losses import build_lpips
 from tokenizer.model import VQTokenizer
 
@@ -57,7 +57,7 @@ def main() -> None:
     if args.data:
         data["source"] = args.data
     try:
-        data_config = build_dataclass(DataConfig, "data", data)
+        data_config = from_mapping(DataConfig, data, "data")
         lpips = None if args.no_lpips else build_lpips(pretrained=True).to(args.device)
         inception = None if args.no_fid else load_inception(
             args.inception_weights, args.device, skip_hint=" (or skip rFID with --no-fid)")

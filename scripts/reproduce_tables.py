@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from tokenizer.reproduce import (TABLE_CHOICES, RunConfig, load_mnist, optional_metrics,
+from tokenizer.experiments.reproduce import (TABLE_CHOICES, RunConfig, load_mnist, optional_metrics,
                                  run_tables, select_tables, write_outputs)
 
 DEFAULT_MNIST = os.environ.get("NEVERCOLLAPSE_MNIST", "/work/shared/data/mnist")

@@ -13,26 +13,26 @@ import sys
 from pathlib import Path
 
 from diffusion.latent_cache import StaleCacheError
-from diffusion.train import parse_recipe, train_diffusion
-from tokenizer.config import ConfigError, load_recipe
-from tokenizer.loop import run_training
+from diffusion.train import DiffusionConfig, train_diffusion
+from engine.config import ConfigError, load_config
+from engine.run import run_training
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML recipe (configs/diffusion/*.yaml)")
+    parser.add_argument("--config", required=True, help="YAML config (configs/diffusion/*.yaml)")
     parser.add_argument("--tokenizer", required=True, help="DIR/tokenizer from stage one")
     parser.add_argument("--output-dir", help="default: runs/<config name>")
     parser.add_argument("--resume", help='"latest" or a checkpoint folder')
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     args = parser.parse_args()
     try:
-        raw, recipe = load_recipe(args.config, args.overrides, parse_recipe)
+        config = load_config(args.config, args.overrides, DiffusionConfig)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)
-    run_training(lambda: train_diffusion(recipe, args.tokenizer, output_dir, resume=args.resume,
-                                         raw_config=raw), errors=(StaleCacheError,))
+    run_training(lambda: train_diffusion(config, args.tokenizer, output_dir, resume=args.resume),
+                 errors=(StaleCacheError,))
 
 
 if __name__ == "__main__":

@@ -11,24 +11,24 @@ import argparse
 import sys
 from pathlib import Path
 
-from tokenizer.config import ConfigError, load_recipe
-from tokenizer.loop import run_training
-from tokenizer.train import parse_recipe, train_tokenizer
+from engine.config import ConfigError, load_config
+from engine.run import run_training
+from tokenizer.train import TokenizerConfig, train_tokenizer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML recipe (configs/tokenizer/*.yaml)")
+    parser.add_argument("--config", required=True, help="YAML config (configs/tokenizer/*.yaml)")
     parser.add_argument("--output-dir", help="default: runs/<config name>")
     parser.add_argument("--resume", help='"latest" or a checkpoint folder')
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     args = parser.parse_args()
     try:
-        raw, recipe = load_recipe(args.config, args.overrides, parse_recipe)
+        config = load_config(args.config, args.overrides, TokenizerConfig)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)
-    run_training(lambda: train_tokenizer(recipe, output_dir, resume=args.resume, raw_config=raw))
+    run_training(lambda: train_tokenizer(config, output_dir, resume=args.resume))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def write_fake_inception(path):
 
 @pytest.fixture(scope="session")
 def fake_inception_file(tmp_path_factory):
-    from tokenizer.fid import INCEPTION_FILE
+    from engine.fid import INCEPTION_FILE
     return write_fake_inception(tmp_path_factory.mktemp("weights") / INCEPTION_FILE)
 
 

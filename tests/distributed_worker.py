@@ -14,7 +14,7 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from tokenizer.loop import all_finite
+from engine.distributed import any_process
 from tokenizer.quantizers import build_quantizer
 
 SETTINGS = {
@@ -71,8 +71,8 @@ def main(out_path: str) -> None:
         }
     # a non-finite loss on one process must make every process skip the step
     mine = torch.tensor(float("nan") if accelerator.process_index == 1 else 1.0)
-    report["skip_agreed"] = not all_finite(accelerator, mine)
-    report["finite_agreed"] = all_finite(accelerator, torch.tensor(1.0))
+    report["skip_agreed"] = any_process(accelerator, not torch.isfinite(mine))
+    report["finite_agreed"] = not any_process(accelerator, not torch.isfinite(torch.tensor(1.0)))
     if accelerator.is_main_process:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)

@@ -16,8 +16,8 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from diffusion.evaluate import reference_features
-from tokenizer.data import DataConfig
-from tokenizer.fid import load_inception
+from engine.data import DataConfig
+from engine.fid import load_inception
 
 DATA = DataConfig(source="digits", resolution=16, validation_size=97)
 

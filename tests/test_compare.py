@@ -4,8 +4,8 @@ from pathlib import Path
 
 import torch
 
-from tokenizer.compare import format_table, train_and_evaluate
-from tokenizer.data import load_digits
+from tokenizer.experiments.compare import format_table, train_and_evaluate
+from tokenizer.experiments.mnist import load_digits
 from tokenizer.metrics import CodebookUsage, psnr
 
 ROOT = Path(__file__).resolve().parents[1]

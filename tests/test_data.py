@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenizer.data import DataConfig, build_dataset
+from engine.data import DataConfig, build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def test_folder_is_listed_once_and_again_when_it_changes(tmp_path: Path, capfd) 
     assert len(build_dataset(config, "train")) + 1 == 6
     assert "listing" in capfd.readouterr().err
     build_dataset(config, "validation")  # the other part, another process: the same manifest
-    subprocess.run([sys.executable, "-c", "import sys; from tokenizer.data import "
+    subprocess.run([sys.executable, "-c", "import sys; from engine.data import "
                     "build_dataset; build_dataset({'source': sys.argv[1]})", str(root)],
                    cwd=ROOT, check=True)
     assert "listing" not in capfd.readouterr().err
@@ -195,7 +195,7 @@ def test_random_flip_only_on_train(tmp_path: Path) -> None:
     assert set(dark_left(build_dataset({**config, "flip": False}, "train"))) == {True}
 
 
-SPLIT_SCRIPT = ("import sys; from tokenizer.data import build_dataset; "
+SPLIT_SCRIPT = ("import sys; from engine.data import build_dataset; "
                 "print(build_dataset({'source': sys.argv[1], 'validation_size': 0.3, 'seed': 5},"
                 " 'validation').indices.tolist())")
 
@@ -289,7 +289,7 @@ def test_hub_failure_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
     ("strict", 1), ("label_column", 3),
 ])
 def test_bad_values_name_the_key(key: str, value: object) -> None:
-    with pytest.raises(ValueError, match=f"{key}={value!r}".replace("(", r"\(")):
+    with pytest.raises(ValueError, match=f"{key} = {value!r}".replace("(", r"\(")):
         build_dataset({key: value})
 
 

@@ -15,8 +15,8 @@ from diffusion.evaluate import gather_in_order, reference_key, reference_spec
 from launch import ROOT, launch_two_processes
 from pipelines.model_card import record_evaluation
 from test_sample import save_pipeline
-from tokenizer.data import DataConfig, build_dataset
-from tokenizer.fid import (fidelity_metrics, frechet_distance, inception_features,
+from engine.data import DataConfig, build_dataset
+from engine.fid import (fidelity_metrics, frechet_distance, inception_features,
                            load_inception)
 
 
@@ -182,7 +182,7 @@ def test_one_decision_when_only_one_process_sees_the_cached_reference(tmp_path, 
                                                                       fake_inception_file):
     from safetensors.torch import save_file
 
-    from tokenizer.data import DataConfig
+    from engine.data import DataConfig
 
     data = DataConfig(source="digits", resolution=16, validation_size=97)
     key = reference_key(reference_spec(data, "validation", 6, "test"))

@@ -21,10 +21,11 @@ import yaml
 from faults import (Run, assert_same_state, launch_two, partials, script, steps,
                     wait_for)
 from diffusion.latent_cache import LatentCache
+from engine.config import from_mapping
 from launch import ROOT
 from pipelines import ClassConditionalLatentDiffusionPipeline
 from tokenizer import VQTokenizer
-from tokenizer.checkpoints import CheckpointError, resolve_resume
+from engine.checkpoints import CheckpointError, resolve_resume
 
 TOKENIZER = ROOT / "scripts" / "train_tokenizer.py"
 DIFFUSION = ROOT / "scripts" / "train_diffusion.py"
@@ -202,10 +203,10 @@ def _two_process_chain(script: Path, args: list[str], tmp: Path, port: int, expo
 # --- in-process faults: non-finite losses, full disk -------------------------------------
 
 def _tokenizer_recipe(tmp_path, **train):
-    from tokenizer.train import parse_recipe
+    from tokenizer.train import TokenizerConfig
     config = json.loads(json.dumps(TOKENIZER_CONFIG))
     config["train"].update(train)
-    return parse_recipe(config)
+    return from_mapping(TokenizerConfig, config)
 
 
 def test_tokenizer_nonfinite_losses_skip_then_stop_keeping_the_last_checkpoint(
@@ -248,7 +249,7 @@ def test_diffusion_nonfinite_losses_skip_then_stop(tmp_path, tokenizer_dir, monk
     monkeypatch.setattr(trainer, "F", types.SimpleNamespace(mse_loss=poisoned))
     config = json.loads(json.dumps(DIFFUSION_CONFIG))
     config["train"].update(max_nonfinite_steps=2)
-    recipe = trainer.parse_recipe(config)
+    recipe = from_mapping(trainer.DiffusionConfig, config)
     with pytest.raises(FloatingPointError, match=r"2 non-finite.*learning_rate"):
         trainer.train_diffusion(recipe, tokenizer_dir, tmp_path / "run")
     assert "step 1: non-finite loss, step skipped (1 in a row)" in capsys.readouterr().out
@@ -283,7 +284,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_names_the_cause(tmp_path, m
 def test_unwritable_output_directory_is_a_clear_error(tmp_path):
     from accelerate import Accelerator
 
-    from tokenizer.checkpoints import save_checkpoint
+    from engine.checkpoints import save_checkpoint
     accelerator = Accelerator(cpu=True)
     accelerator.prepare(torch.nn.Linear(2, 2))
     blocked = tmp_path / "file"
@@ -295,7 +296,7 @@ def test_unwritable_output_directory_is_a_clear_error(tmp_path):
 def test_damaged_newest_checkpoint_is_passed_over(tmp_path):
     from accelerate import Accelerator
 
-    from tokenizer.checkpoints import save_checkpoint
+    from engine.checkpoints import save_checkpoint
     accelerator = Accelerator(cpu=True)
     accelerator.prepare(torch.nn.Linear(2, 2))
     for step in (1, 2, 3):

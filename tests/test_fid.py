@@ -9,9 +9,9 @@ import torch
 from scipy import linalg
 
 from tokenizer import VQTokenizer
-from tokenizer.data import build_dataset
+from engine.data import build_dataset
 from tokenizer.evaluate import evaluate_tokenizer
-from tokenizer.fid import INCEPTION_FILE, find_inception_weights, frechet_distance, load_inception
+from engine.fid import INCEPTION_FILE, find_inception_weights, frechet_distance, load_inception
 
 
 def test_frechet_distance_matches_the_closed_form_for_gaussians():

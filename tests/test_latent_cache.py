@@ -11,7 +11,7 @@ from launch import ROOT, launch_two_processes
 from diffusion.latent_cache import (LatentCache, StaleCacheError, build_latent_cache,
                                     measure_scaling_factor, tokenizer_fingerprint)
 from tokenizer import VQTokenizer
-from tokenizer.data import build_dataset
+from engine.data import build_dataset
 
 TINY = dict(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
             z_channels=8, embed_dim=4, norm_groups=4, quantizer="cvq",

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from tokenizer.loop import NonFiniteGuard, seeded_batches
+from engine.run import NonFiniteGuard, seeded_batches
 
 
 class OneProcess(SimpleNamespace):
@@ -35,14 +35,14 @@ def test_resumed_batch_stream_continues_the_uninterrupted_one():
     assert stream[0] != stream[12], "each epoch has its own order"
 
 
-def test_all_finite_single_process():
+def test_any_process_single_process():
     from accelerate import Accelerator
 
-    from tokenizer.loop import all_finite
+    from engine.distributed import any_process
     accelerator = Accelerator(cpu=True)
-    assert all_finite(accelerator, torch.tensor(1.0))
-    assert not all_finite(accelerator, torch.tensor(float("nan")))
-    assert not all_finite(accelerator, torch.tensor(float("inf")))
+    assert not any_process(accelerator, not torch.isfinite(torch.tensor(1.0)))
+    assert any_process(accelerator, not torch.isfinite(torch.tensor(float("nan"))))
+    assert any_process(accelerator, not torch.isfinite(torch.tensor(float("inf"))))
 
 
 def test_sigterm_sets_a_stop_flag_and_the_handler_is_restored():
@@ -51,7 +51,7 @@ def test_sigterm_sets_a_stop_flag_and_the_handler_is_restored():
 
     from accelerate import Accelerator
 
-    from tokenizer.loop import StopRequest
+    from engine.run import StopRequest
     before = signal.getsignal(signal.SIGTERM)
     stop = StopRequest(Accelerator(cpu=True))
     assert not stop.requested()
@@ -62,7 +62,7 @@ def test_sigterm_sets_a_stop_flag_and_the_handler_is_restored():
 
 
 def test_diverged_replicas_are_named():
-    from tokenizer.loop import check_replicas_agree
+    from engine.distributed import check_replicas_agree
 
     class TwoProcesses(OneProcess):
         num_processes = 2

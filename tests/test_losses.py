@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import torchvision
 
 import tokenizer.losses as losses
+from engine.config import from_mapping
 from tokenizer.losses import (
     ActNorm, LossConfig, PatchDiscriminator, VQGANLoss, adaptive_weight, build_lpips,
     hinge_d_loss, vanilla_d_loss)
@@ -346,7 +347,7 @@ def test_config_accepts_dataclass_and_parses_numeric_strings():
     assert cfg.disc_weight == pytest.approx(0.1) and isinstance(cfg.disc_weight, float)
     loss = VQGANLoss(cfg, lpips_pretrained=False)
     assert loss.config is cfg and isinstance(loss.discriminator, PatchDiscriminator)
-    assert LossConfig.from_dict({}) == LossConfig()
+    assert from_mapping(LossConfig, {}, "loss") == LossConfig()
 
 
 def test_generator_step_leaves_discriminator_gradients_alone():

@@ -24,7 +24,7 @@ from PIL import Image
 
 from launch import ROOT
 from tokenizer import VQTokenizer
-from tokenizer.config import parse_yaml
+from engine.config import parse_yaml
 
 TOKENIZER_RECIPES = sorted((ROOT / "configs" / "tokenizer").glob("*.yaml"))
 DIFFUSION_RECIPES = sorted((ROOT / "configs" / "diffusion").glob("*.yaml"))

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenizer.data import read_idx
+from tokenizer.experiments.mnist import read_idx
 from tokenizer.quantizers import build_quantizer
-from tokenizer.reproduce import (MNIST_FILES, OFFICIAL, PAPERS, TABLES, Row, RunConfig,
+from tokenizer.experiments.reproduce import (MNIST_FILES, OFFICIAL, PAPERS, TABLES, Row, RunConfig,
                                  _plot_usage_pil, format_tables, load_mnist, select_tables)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,12 +12,12 @@ import yaml
 from safetensors.torch import load_file
 
 from diffusion.latent_cache import LatentCache, measure_scaling_factor
-from diffusion.train import load_tokenizer, parse_recipe
+from diffusion.train import DiffusionConfig, load_tokenizer
 from launch import ROOT
 from pipelines import ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline
 from pipelines.sampling import training_config
 from tokenizer import VQTokenizer
-from tokenizer.config import ConfigError
+from engine.config import ConfigError, from_mapping, to_mapping
 from test_train_tokenizer import assert_config_refused
 
 TINY = {
@@ -75,7 +75,9 @@ def test_train_export_and_exact_resume(tmp_path, tokenizer_dir, num_classes):
     assert scale != 1.0
     assert (pipe.unet.config.num_class_embeds or 0) == (num_classes + 1 if num_classes else 0)
     # it carries its training configs (eval_fid.py's defaults) and a model card listing them
-    assert training_config(run_dir / "pipeline") == yaml.safe_load(config.read_text())
+    # the config as run: the file's values with every default filled in
+    assert training_config(run_dir / "pipeline") == to_mapping(
+        from_mapping(DiffusionConfig, yaml.safe_load(config.read_text())))
     card = (run_dir / "pipeline" / "README.md").read_text()
     assert cls.__name__ in card and "### diffusion" in card and "Not evaluated yet" in card
 
@@ -133,7 +135,7 @@ def test_labels_beyond_num_classes_are_refused(tmp_path, tokenizer_dir):
     ({"data": {"source": "./missing_images"}}, "data.source.*no such file or folder"),
 ])
 def test_bad_diffusion_configs_name_the_key(change, message):
-    assert_config_refused(parse_recipe, TINY, change, message)
+    assert_config_refused(DiffusionConfig, TINY, change, message)
 
 
 def test_a_folder_that_is_not_a_tokenizer_is_refused_before_building(tmp_path):
@@ -145,7 +147,7 @@ def test_a_folder_that_is_not_a_tokenizer_is_refused_before_building(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "diffusion").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_shipped_diffusion_config_is_valid(path):
-    recipe = parse_recipe(yaml.safe_load(path.read_text()))
+    recipe = from_mapping(DiffusionConfig, yaml.safe_load(path.read_text()))
     assert recipe.train.max_steps > recipe.train.log_every
 
 

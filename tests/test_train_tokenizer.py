@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 from faults import Run, script
 from launch import ROOT
 from tokenizer import VQTokenizer
-from tokenizer.config import ConfigError
-from tokenizer.data import check_source_exists
+from engine.config import ConfigError
+from engine.data import check_source_exists
 from tokenizer.losses import VQGANLoss
-from tokenizer.train import parse_recipe
+from engine.config import from_mapping
+from tokenizer.train import TokenizerConfig
 
 TINY = {
     "model": {"resolution": 16, "ch": 16, "ch_mult": [1, 2], "num_res_blocks": 1,
@@ -94,7 +95,7 @@ def test_resume_continues_at_the_saved_step_with_the_same_state(trained, tmp_pat
 
 def test_discriminator_untouched_before_disc_start(trained):
     config, run = trained
-    recipe = parse_recipe(yaml.safe_load(config.read_text()))
+    recipe = from_mapping(TokenizerConfig, yaml.safe_load(config.read_text()))
     torch.manual_seed(recipe.train.seed)  # the construction order of train_tokenizer
     VQTokenizer(**recipe.model)
     initial = VQGANLoss(recipe.loss).discriminator.state_dict()
@@ -202,35 +203,35 @@ BAD = [
     ({"model": {"quantizer": "looc", "quantizer_options": {"num_codes": 0, "code_dim": 4}}},
      r"num_codes \(K\) must be an integer >= 1"),
     ({"model": {"quantizer_options": {"distance": "manhattan"}}}, "distance must be one of"),
-    ({"data": {"resolution": -16}}, "resolution=-16.*integer >= 1"),
+    ({"data": {"resolution": -16}}, "resolution = -16.*integer >= 1"),
     ({"data": {"source": "/no/such/images"}}, "data.source.*no such file or folder.*accepts"),
 ]
 # how an error says what is allowed instead
 ALLOWED = r"allowed|expected|must|choose|pick|accepts"
 
 
-def assert_config_refused(parse, base: dict, change: dict, message: str) -> None:
+def assert_config_refused(cls, base: dict, change: dict, message: str) -> None:
     """``base`` with ``change`` merged in fails everything a run checks before building, in one
     line matching ``message`` and saying what is allowed."""
     config = json.loads(json.dumps(base))
     for section, values in change.items():
         config.setdefault(section, {}).update(values)
     with pytest.raises(ConfigError, match=message) as error:
-        check_source_exists(parse(config).data)
+        check_source_exists(from_mapping(cls, config).data)
     text = str(error.value)
     assert "\n" not in text and re.search(ALLOWED, text), text
 
 
 @pytest.mark.parametrize("change, message", BAD)
 def test_bad_configs_fail_fast_naming_the_key(change, message):
-    assert_config_refused(parse_recipe, TINY, change, message)
+    assert_config_refused(TokenizerConfig, TINY, change, message)
 
 
 def test_disc_start_beyond_max_steps_warns():
     config = json.loads(json.dumps(TINY))
     config["loss"]["disc_start"] = 100
     with pytest.warns(UserWarning, match="disc_start"):
-        parse_recipe(config)
+        from_mapping(TokenizerConfig, config)
 
 
 def test_missing_vgg_weights_stop_before_training(tmp_path):
@@ -261,5 +262,5 @@ def test_every_shipped_config_is_valid(path):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        recipe = parse_recipe(yaml.safe_load(path.read_text()))
+        recipe = from_mapping(TokenizerConfig, yaml.safe_load(path.read_text()))
     assert recipe.train.max_steps > recipe.train.log_every

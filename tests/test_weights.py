@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tokenizer.weights import NO_DOWNLOAD, cached_weights
+from engine.weights import NO_DOWNLOAD, cached_weights
 
 URL = "https://example.invalid/models/net-1234.pth"
 

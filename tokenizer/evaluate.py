@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .fid import frechet_distance, inception_features
+from engine.fid import frechet_distance, inception_features
 from .metrics import CodebookUsage, psnr, ssim
 from .model import VQTokenizer
 

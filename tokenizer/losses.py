@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .weights import cached_weights
+from engine.config import check_types, from_mapping, require
+from engine.weights import cached_weights
 
 
 class ActNorm(nn.Module):
@@ -99,7 +100,7 @@ _D_LOGS = ("d_loss", "logits_real", "logits_fake", "disc_factor")
 def build_lpips(pretrained: bool = True) -> nn.Module:
     """Frozen LPIPS-VGG (Zhang et al. 2018), eval mode, inputs in [−1, 1], output B×1×1×1. The
     linear heads ship with ``lpips``; ``pretrained`` loads the ImageNet VGG16 backbone from the
-    torch hub cache (downloading it there if possible, see ``tokenizer.weights``);
+    torch hub cache (downloading it there if possible, see ``engine.weights``);
     ``pretrained=False``: random backbone (tests)."""
     import lpips
     from torchvision.models import VGG16_Weights
@@ -153,31 +154,18 @@ class LossConfig:
     disc_in_channels: int = 3
 
     def __post_init__(self) -> None:
-        for key, allowed in (("pixel_loss", ("l1", "l2")), ("disc_loss", tuple(_D_LOSSES)),
-                             ("disc_norm", tuple(_NORMS))):
-            if (value := getattr(self, key)) not in allowed:
-                raise ValueError(f"loss config {key}={value!r}; expected one of {allowed}")
-        for f in fields(self):  # numbers: >= 0 (>= 1 for sizes); YAML strings like "1e-4" parse
-            if f.type not in ("int", "float"):
-                continue
-            value, kind = getattr(self, f.name), int if f.type == "int" else float
-            low = 1 if f.name in ("disc_layers", "disc_channels", "disc_in_channels") else 0
-            try:
-                number = kind(value)
-                ok = not isinstance(value, bool) and number == float(value) and number >= low
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise ValueError(f"loss config {f.name}={value!r}; must be a {f.type} >= {low}")
-            setattr(self, f.name, number)
-
-    @classmethod
-    def from_dict(cls, config: dict) -> "LossConfig":
-        allowed = [f.name for f in fields(cls)]
-        unknown = [key for key in config if key not in allowed]
-        if unknown:
-            raise ValueError(f"unknown loss config key(s) {unknown}; allowed keys: {allowed}")
-        return cls(**config)
+        check_types(self, "loss")
+        require(self.pixel_loss in ("l1", "l2"), "loss.pixel_loss", self.pixel_loss,
+                "choose 'l1' or 'l2'")
+        require(self.disc_loss in _D_LOSSES, "loss.disc_loss", self.disc_loss,
+                f"choose one of {list(_D_LOSSES)}")
+        require(self.disc_norm in _NORMS, "loss.disc_norm", self.disc_norm,
+                f"choose one of {list(_NORMS)}")
+        for f in fields(self):  # numbers: >= 0, sizes >= 1
+            if f.type in ("int", "float"):
+                low = 1 if f.name in ("disc_layers", "disc_channels", "disc_in_channels") else 0
+                value = getattr(self, f.name)
+                require(value >= low, f"loss.{f.name}", value, f"must be >= {low}")
 
 
 class VQGANLoss(nn.Module):
@@ -187,7 +175,7 @@ class VQGANLoss(nn.Module):
 
     def __init__(self, config: LossConfig | dict, lpips_pretrained: bool = True):
         super().__init__()
-        cfg = config if isinstance(config, LossConfig) else LossConfig.from_dict(config)
+        cfg = config if isinstance(config, LossConfig) else from_mapping(LossConfig, config, "loss")
         self.config = cfg
         self.lpips = build_lpips(lpips_pretrained) if cfg.perceptual_weight > 0 else None
         self.discriminator = (PatchDiscriminator(cfg.disc_in_channels, cfg.disc_channels,

@@ -8,25 +8,22 @@ is the command line.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from torchvision.utils import save_image
-from tqdm.auto import tqdm
 
-from .checkpoints import save_checkpoint
-from .loop import (NonFiniteGuard, Progress, preemptible, all_finite, check_precision,
-                   check_replicas_agree, mean_over_processes, seeded_batches, start_run)
-from .config import (ConfigError, build_dataclass, check_section, check_sections, require,
-                     signature_hints)
-from .data import DataConfig, build_dataset, check_source_exists
+from engine.config import (ConfigError, check_section, check_types, require, signature_hints,
+                           to_mapping)
+from engine.data import DataConfig, build_dataset, check_source_exists
+from engine.distributed import check_replicas_agree
+from engine.run import Run, check_precision, seeded_batches
+
 from .losses import LossConfig, VQGANLoss
 from .model import VQTokenizer
-
-SECTIONS = ("model", "loss", "data", "train")
 
 
 @dataclass
@@ -68,6 +65,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
 
     def __post_init__(self):
+        check_types(self, "train")
         for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every",
                     "image_every", "checkpoint_every", "keep_checkpoints",
                     "max_nonfinite_steps"):
@@ -81,141 +79,114 @@ class TrainConfig:
 
 
 @dataclass
-class TokenizerRecipe:
+class TokenizerConfig:
+    """A whole stage-one config: ``model`` (the ``VQTokenizer`` arguments), ``loss``, ``data``,
+    ``train``. Checked before anything is built: every error names its key."""
+
     model: dict
     loss: LossConfig
     data: DataConfig
     train: TrainConfig
 
-
-def parse_recipe(raw: dict) -> TokenizerRecipe:
-    """Validate a whole config before anything is built: every error names its key."""
-    check_sections(raw, SECTIONS)
-    model = check_section("model", raw.get("model"), signature_hints(VQTokenizer.__init__))
-    loss = build_dataclass(LossConfig, "loss", raw.get("loss"))
-    data = build_dataclass(DataConfig, "data", raw.get("data"))
-    train = build_dataclass(TrainConfig, "train", raw.get("train"))
-    for key in ("resolution", "in_channels", "out_channels", "ch", "z_channels", "embed_dim",
-                "norm_groups"):
-        if key in model:
-            require(model[key] >= 1, f"model.{key}", model[key], "must be >= 1")
-    require(model.get("num_res_blocks", 0) >= 0, "model.num_res_blocks",
-            model.get("num_res_blocks"), "must be >= 0")
-    require(all(m >= 1 for m in model.get("ch_mult", [1])), "model.ch_mult",
-            model.get("ch_mult"), "every multiplier must be >= 1")
-    try:  # catches impossible architectures and quantizer options, cheaply, on the meta device
-        with torch.device("meta"):
-            VQTokenizer(**model)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"model: {e}") from None
-    resolution = model.get("resolution", 256)
-    require(data.resolution == resolution, "data.resolution", data.resolution,
-            f"must equal model.resolution ({resolution})")
-    in_channels, out_channels = model.get("in_channels", 3), model.get("out_channels", 3)
-    require(data.channels == in_channels, "data.channels", data.channels,
-            f"must equal model.in_channels ({in_channels})")
-    require(loss.disc_weight == 0 or loss.disc_in_channels == out_channels,
-            "loss.disc_in_channels", loss.disc_in_channels,
-            f"must equal model.out_channels ({out_channels})")
-    if loss.disc_weight > 0 and loss.disc_start >= train.max_steps:
-        warnings.warn(f"loss.disc_start={loss.disc_start} >= train.max_steps={train.max_steps}: "
-                      "the discriminator will never be used", stacklevel=2)
-    return TokenizerRecipe(model, loss, data, train)
+    def __post_init__(self):
+        model = self.model = check_section("model", self.model,
+                                           signature_hints(VQTokenizer.__init__))
+        for key in ("resolution", "in_channels", "out_channels", "ch", "z_channels", "embed_dim",
+                    "norm_groups"):
+            if key in model:
+                require(model[key] >= 1, f"model.{key}", model[key], "must be >= 1")
+        require(model.get("num_res_blocks", 0) >= 0, "model.num_res_blocks",
+                model.get("num_res_blocks"), "must be >= 0")
+        require(all(m >= 1 for m in model.get("ch_mult", [1])), "model.ch_mult",
+                model.get("ch_mult"), "every multiplier must be >= 1")
+        try:  # impossible architectures and quantizer options, cheaply, on the meta device
+            with torch.device("meta"):
+                VQTokenizer(**model)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model: {e}") from None
+        resolution = model.get("resolution", 256)
+        require(self.data.resolution == resolution, "data.resolution", self.data.resolution,
+                f"must equal model.resolution ({resolution})")
+        in_channels, out_channels = model.get("in_channels", 3), model.get("out_channels", 3)
+        require(self.data.channels == in_channels, "data.channels", self.data.channels,
+                f"must equal model.in_channels ({in_channels})")
+        require(self.loss.disc_weight == 0 or self.loss.disc_in_channels == out_channels,
+                "loss.disc_in_channels", self.loss.disc_in_channels,
+                f"must equal model.out_channels ({out_channels})")
+        if self.loss.disc_weight > 0 and self.loss.disc_start >= self.train.max_steps:
+            warnings.warn(f"loss.disc_start={self.loss.disc_start} >= train.max_steps="
+                          f"{self.train.max_steps}: the discriminator will never be used",
+                          stacklevel=2)
 
 
-def train_tokenizer(recipe: TokenizerRecipe, output_dir: str | Path,
-                    resume: str | None = None, raw_config: dict | None = None) -> Path:
+def train_tokenizer(config: TokenizerConfig, output_dir: str | Path,
+                    resume: str | None = None) -> Path:
     """Train, checkpoint, and export ``output_dir/tokenizer``; returns that folder."""
-    cfg = recipe.train
-    check_source_exists(recipe.data)  # before anything is built (configs may name absent data)
+    train = config.train
+    check_source_exists(config.data)  # before anything is built (configs may name absent data)
     output_dir = Path(output_dir)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    accelerator = Accelerator(mixed_precision=train.mixed_precision,
+                              gradient_accumulation_steps=train.gradient_accumulation_steps,
                               log_with="tensorboard", project_dir=str(output_dir))
     check_precision(accelerator)
-    set_seed(cfg.seed)
-    model = VQTokenizer(**recipe.model)
-    loss_fn = VQGANLoss(recipe.loss).to(accelerator.device)  # fails fast without VGG weights
+    set_seed(train.seed)
+    model = VQTokenizer(**config.model)
+    loss_fn = VQGANLoss(config.loss).to(accelerator.device)  # fails fast without VGG weights
     with accelerator.local_main_process_first():  # it lists the data once for everyone
-        train_set = build_dataset(recipe.data, "train")
-        val_set = build_dataset(recipe.data, "validation")
-    lr = cfg.learning_rate
-    if cfg.scale_lr:
-        lr *= cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    opt_g = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(cfg.adam_betas))
+        train_set = build_dataset(config.data, "train")
+        val_set = build_dataset(config.data, "validation")
+    lr = train.learning_rate
+    if train.scale_lr:
+        lr *= train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
+    opt_g = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(train.adam_betas))
     model, opt_g = accelerator.prepare(model, opt_g)
     opt_d = None
     if loss_fn.discriminator is not None:
         opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=lr,
-                                 betas=tuple(cfg.adam_betas))
+                                 betas=tuple(train.adam_betas))
         loss_fn.discriminator, opt_d = accelerator.prepare(loss_fn.discriminator, opt_d)
     trained = [model] if opt_d is None else [model, loss_fn.discriminator]
-    progress = Progress()
-    states = {"progress": progress}  # saved beside accelerate's state, loaded weights_only
-
-    checkpoints = start_run(accelerator, output_dir, resume, raw_config or {
-        "model": recipe.model, "loss": asdict(recipe.loss), "data": asdict(recipe.data),
-        "train": asdict(cfg)}, states)
+    run = Run(accelerator, output_dir, to_mapping(config), {}, resume=resume,
+              max_steps=train.max_steps, checkpoint_every=train.checkpoint_every,
+              keep_checkpoints=train.keep_checkpoints,
+              max_nonfinite_steps=train.max_nonfinite_steps, name="tokenizer")
 
     unwrapped = accelerator.unwrap_model(model)
     fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
-    batches = seeded_batches(train_set, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
-                             cfg.num_workers, accelerator, progress.step)
-    bar = tqdm(total=cfg.max_steps, initial=progress.step,
-               disable=not accelerator.is_local_main_process, desc="tokenizer")
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps, checkpoints, accelerator)
-    saved_at = None
-    with preemptible(accelerator, bar) as stop:
-        while progress.step < cfg.max_steps:
-            stop.stop_if_requested(progress.step, saved_at == progress.step,
-                                   lambda: save_checkpoint(accelerator, checkpoints, progress.step,
-                                                           cfg.keep_checkpoints, states))
-            step = progress.step
-            for _ in range(cfg.gradient_accumulation_steps):
-                x = next(batches)["pixel_values"].to(accelerator.device)
-                with accelerator.accumulate(*trained):
-                    out = model(x)
+    batches = seeded_batches(train_set, train.batch_size, train.gradient_accumulation_steps,
+                             train.seed, train.num_workers, accelerator, run.step)
+    for step in run.steps():
+        for _ in range(train.gradient_accumulation_steps):
+            x = next(batches)["pixel_values"].to(accelerator.device)
+            with accelerator.accumulate(*trained):
+                out = model(x)
+                with accelerator.autocast():
+                    g_loss, logs = loss_fn.generator_loss(x, out.sample, out.quantized.loss,
+                                                          unwrapped.last_layer, step)
+                if not run.finite(g_loss):
+                    break
+                accelerator.backward(g_loss)
+                if train.max_grad_norm is not None and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
+                opt_g.step()
+                opt_g.zero_grad(set_to_none=True)
+                if opt_d is not None and loss_fn.disc_active(step):
                     with accelerator.autocast():
-                        g_loss, logs = loss_fn.generator_loss(x, out.sample, out.quantized.loss,
-                                                              unwrapped.last_layer, step)
-                    finite = all_finite(accelerator, g_loss)
-                    if not finite:
-                        break
-                    accelerator.backward(g_loss)
-                    if cfg.max_grad_norm is not None and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    opt_g.step()
-                    opt_g.zero_grad(set_to_none=True)
-                    if opt_d is not None and loss_fn.disc_active(step):
-                        with accelerator.autocast():
-                            d_loss, d_logs = loss_fn.discriminator_loss(x, out.sample.detach(),
-                                                                        step)
-                        accelerator.backward(d_loss)
-                        opt_d.step()
-                        opt_d.zero_grad(set_to_none=True)
-                        logs.update(d_logs)
-            if not guard.update(finite, step):
-                continue
-            progress.step += 1
-            bar.update(1)
-
-            if progress.step % cfg.log_every == 0 or progress.step == cfg.max_steps:
-                counts = accelerator.reduce(out.quantized.counts.float(), reduction="sum")
-                p = counts / counts.sum()
-                logs["usage"] = (counts > 0).float().mean().item()
-                logs["perplexity"] = torch.exp(-(p * p.clamp(min=1e-10).log()).sum()).item()
-                logs = mean_over_processes(accelerator, logs)
-                accelerator.log(logs, step=progress.step)
-                bar.set_postfix({k: f"{logs[k]:.3g}" for k in ("total", "nll", "usage",
-                                                                "perplexity") if k in logs})
-            if accelerator.is_main_process and (progress.step % cfg.image_every == 0
-                                                or progress.step == cfg.max_steps):
-                _save_grid(unwrapped, fixed,
-                           output_dir / "images" / f"step_{progress.step:08d}.png")
-            if progress.step % cfg.checkpoint_every == 0 or progress.step == cfg.max_steps:
-                save_checkpoint(accelerator, checkpoints, progress.step, cfg.keep_checkpoints,
-                                states)
-                saved_at = progress.step
+                        d_loss, d_logs = loss_fn.discriminator_loss(x, out.sample.detach(), step)
+                    accelerator.backward(d_loss)
+                    opt_d.step()
+                    opt_d.zero_grad(set_to_none=True)
+                    logs.update(d_logs)
+        if run.skipped:
+            continue
+        if run.due(train.log_every):
+            counts = accelerator.reduce(out.quantized.counts.float(), reduction="sum")
+            p = counts / counts.sum()
+            logs["usage"] = (counts > 0).float().mean().item()
+            logs["perplexity"] = torch.exp(-(p * p.clamp(min=1e-10).log()).sum()).item()
+            run.log(logs, show=("total", "nll", "usage", "perplexity"))
+        if accelerator.is_main_process and run.due(train.image_every):
+            _save_grid(unwrapped, fixed, output_dir / "images" / f"step_{step + 1:08d}.png")
 
     replicas = {f"model.{k}": v for k, v in unwrapped.state_dict().items()}
     if opt_d is not None:

@@ -4,11 +4,10 @@ datasets and LSUN LMDB exports, all preprocessed the same way (see :class:`DataC
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -19,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from .config import check_types, from_mapping, require
 from .manifest import Manifest, open_manifest
 
 PARTS = ("train", "validation")
@@ -26,7 +26,7 @@ ACCEPTED = ("source accepts 'digits', a local image folder, a .parquet / .arrow 
             "save_to_disk directory, 'lsun:/path/to/lmdb' or a Hugging Face hub dataset name")
 
 
-def _digits(resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+def digits(resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's digits as N×1×R×R floats in [-1, 1] (bilinear up-sampling) and labels."""
     from sklearn.datasets import load_digits as sklearn_digits
 
@@ -37,51 +37,6 @@ def _digits(resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(digits.target, dtype=torch.long)
 
 
-def load_digits(resolution: int = 16, validation: int = 297) -> dict[str, torch.Tensor]:
-    """scikit-learn's digits, bilinearly up-sampled to ``resolution``, scaled to [-1, 1], as
-    N×1×R×R float tensors with labels. The last ``validation`` images form the fixed validation
-    split. Returns ``{"train", "train_labels", "val", "val_labels"}``."""
-    images, labels = _digits(resolution)
-    if not 0 < validation < len(images):
-        raise ValueError(f"validation must be between 1 and {len(images) - 1}, got {validation}")
-    cut = len(images) - validation
-    return {"train": images[:cut], "train_labels": labels[:cut],
-            "val": images[cut:], "val_labels": labels[cut:]}
-
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """An MNIST-style IDX file (optionally gzipped): big-endian magic (0, 0, type, ndim), the
-    dimensions as big-endian uint32, then the data. Only unsigned-byte data (type 0x08)."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (MNIST format)")
-    ndim = raw[3]
-    shape = tuple(np.frombuffer(raw, ">u4", count=ndim, offset=4).tolist())
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_mnist_idx(images: str | os.PathLike, labels: str | os.PathLike,
-                   validation: int = 1000) -> dict[str, torch.Tensor]:
-    """MNIST IDX files as N×1×28×28 floats in [-1, 1] with labels; the last ``validation``
-    images form the fixed validation split (no shuffling). Returns
-    ``{"train", "train_labels", "val", "val_labels"}`` like :func:`load_digits`."""
-    for path in (images, labels):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"MNIST file {str(path)!r} not found: put the IDX files "
-                                    "(e.g. t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) "
-                                    "there or point to their directory")
-    x = torch.from_numpy(read_idx(images).copy()).float().unsqueeze(1) / 127.5 - 1
-    y = torch.from_numpy(read_idx(labels).astype(np.int64))
-    if len(x) != len(y):
-        raise ValueError(f"{images} holds {len(x)} images but {labels} {len(y)} labels")
-    if not 0 < validation < len(x):
-        raise ValueError(f"validation must be between 1 and {len(x) - 1}, got {validation}")
-    cut = len(x) - validation
-    return {"train": x[:cut], "train_labels": y[:cut], "val": x[cut:], "val_labels": y[cut:]}
-
 
 @dataclass
 class DataConfig:
@@ -89,7 +44,7 @@ class DataConfig:
 
     source: ``"digits"`` (scikit-learn's 1,797 8×8 digits, labels 0-9); a local image folder
         (recursive, split folders and class labels as ``datasets``' imagefolder reads them; listed
-        once into a shared manifest, see :mod:`tokenizer.manifest`); a ``.parquet`` / ``.arrow``
+        once into a shared manifest, see :mod:`engine.manifest`); a ``.parquet`` / ``.arrow``
         file or ``save_to_disk`` directory; ``"lsun:PATH"``, an LSUN LMDB export (``pip install
         lmdb``); else a hub dataset name.
     split: split read from an image folder, a hub dataset or a saved ``DatasetDict``.
@@ -119,28 +74,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         if isinstance(self.source, os.PathLike):
             self.source = os.fspath(self.source)
-        integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-        string, size = lambda v: isinstance(v, str), self.validation_size  # noqa: E731
-        checks = {
-            "source": (string(self.source) and self.source != "", "a non-empty string"),
-            "split": (string(self.split), "a string"),
-            "resolution": (integer(self.resolution) and self.resolution >= 1, "an integer >= 1"),
-            "channels": (integer(self.channels) and self.channels in (1, 3), "1 or 3"),
-            "crop": (self.crop in ("center", "random"), "'center' or 'random'"),
-            "flip": (isinstance(self.flip, bool), "true or false"),
-            "image_column": (string(self.image_column), "a string"),
-            "label_column": (self.label_column is None or string(self.label_column),
-                             "a string or null"),
-            "validation_size": ((integer(size) and size >= 1) or
-                                (type(size) is float and 0 < size < 1),
-                                "a fraction 0 < x < 1 or an integer count >= 1"),
-            "seed": (integer(self.seed), "an integer"),
-            "strict": (isinstance(self.strict, bool), "true or false"),
-        }
-        for key, (ok, allowed) in checks.items():
-            if not ok:
-                raise ValueError(f"data config {key}={getattr(self, key)!r} is invalid: "
-                                 f"expected {allowed}")
+        check_types(self, "data")
+        size = self.validation_size
+        require(self.source != "", "data.source", self.source, "a non-empty string")
+        require(self.resolution >= 1, "data.resolution", self.resolution, "an integer >= 1")
+        require(self.channels in (1, 3), "data.channels", self.channels, "1 or 3")
+        require(self.crop in ("center", "random"), "data.crop", self.crop, "'center' or 'random'")
+        require((isinstance(size, int) and size >= 1) or (isinstance(size, float) and 0 < size < 1),
+                "data.validation_size", size, "a fraction 0 < x < 1 or an integer count >= 1")
 
 
 class UnreadableImageError(ValueError):
@@ -150,8 +91,6 @@ class UnreadableImageError(ValueError):
 def check_source_exists(config: DataConfig) -> None:
     """Raise a ConfigError, before anything is built, if ``data.source`` names a local path
     (absolute, ``./``, ``~``, ``lsun:PATH``, a .parquet / .arrow file) that does not exist."""
-    from .config import require
-
     source = config.source
     path = os.path.expanduser(source[len("lsun:"):] if source.startswith("lsun:") else source)
     local = source.startswith(("lsun:", "/", ".", "~")) or path.endswith((".parquet", ".arrow"))
@@ -238,7 +177,7 @@ class _Reader:
 
 class _Digits(_Reader):
     def __init__(self, config: DataConfig) -> None:
-        self.images, self.labels = _digits(config.resolution)
+        self.images, self.labels = digits(config.resolution)
         self.channels, self.names = config.channels, [f"digit {i}" for i in range(len(self.images))]
 
     def load(self, i: int) -> tuple[torch.Tensor, int]:
@@ -246,7 +185,7 @@ class _Digits(_Reader):
 
 
 class _Listed(_Reader):
-    """A split of a source listed in a :class:`~tokenizer.manifest.Manifest` (an image folder or
+    """A split of a source listed in a :class:`~engine.manifest.Manifest` (an image folder or
     an LSUN LMDB): names and labels stay in the memory-mapped manifest."""
 
     def __init__(self, manifest: Manifest, split: str) -> None:
@@ -266,7 +205,7 @@ class _Listed(_Reader):
 
 class _Folder(_Listed):
     """An image folder, with ``datasets``' imagefolder splits and labels (see
-    :mod:`tokenizer.manifest`)."""
+    :mod:`engine.manifest`)."""
 
     def name(self, i: int) -> str:
         return os.path.join(self.root, self._row(i)[0])
@@ -406,11 +345,7 @@ def build_dataset(config: DataConfig | Mapping[str, Any], part: str = "train") -
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     if isinstance(config, Mapping):
-        allowed = [f.name for f in fields(DataConfig)]
-        unknown = [key for key in config if key not in allowed]
-        if unknown:
-            raise ValueError(f"unknown data config key(s) {unknown}; allowed keys: {allowed}")
-        config = DataConfig(**config)
+        config = from_mapping(DataConfig, dict(config), "data")
     elif not isinstance(config, DataConfig):
         raise TypeError(f"config must be a DataConfig or a dict, got {type(config).__name__}")
     reader = _reader(config)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .quantizers import QuantizerOutput
+from ..quantizers import QuantizerOutput
 
 
 class _Residual(nn.Module):

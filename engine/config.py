@@ -4,13 +4,17 @@ before any work starts."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import yaml
+
+
+C = TypeVar("C")
 
 
 class ConfigError(ValueError):
@@ -63,16 +67,9 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
     return config
 
 
-def load_recipe(path: str | Path, overrides: list[str], parse: Callable[[dict], Any]):
-    """The YAML at ``path`` with ``overrides`` applied, and ``parse`` of it: ``(raw, recipe)``."""
-    raw = apply_overrides(load_yaml(path), overrides)
-    return raw, parse(raw)
-
-
-def check_sections(raw: dict, sections: tuple[str, ...]) -> None:
-    unknown = sorted(set(raw) - set(sections))
-    if unknown:
-        raise ConfigError(f"unknown section(s) {unknown}; allowed sections: {list(sections)}")
+def load_config(path: str | Path, overrides: list[str], cls: type[C]) -> C:
+    """The config ``cls`` of the YAML at ``path`` with ``overrides`` applied."""
+    return from_mapping(cls, apply_overrides(load_yaml(path), overrides))
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -136,16 +133,53 @@ def signature_hints(fn: Callable, skip: tuple[str, ...] = ("self", "return")) ->
     return {k: v for k, v in typing.get_type_hints(fn).items() if k not in skip}
 
 
-def build_dataclass(cls: type, section: str, given: Any):
-    """``cls(**given)`` after checking keys and types; the dataclass's own ``__post_init__``
-    checks values and its ``ValueError`` is re-raised naming the section."""
-    values = check_section(section, given, dataclass_hints(cls))
+def from_mapping(cls: type[C], given: Any, section: str = "") -> C:
+    """The config dataclass ``cls`` from a mapping: a YAML section, or a whole YAML file whose
+    sections are ``cls``'s dataclass fields (built the same way; a plain ``dict`` field is taken
+    as it is). Unknown keys are refused naming the key and what is allowed; the dataclass checks
+    its own types and values in ``__post_init__`` (:func:`check_types`, :func:`require`)."""
+    hints = dataclass_hints(cls)
+    given = {} if given is None else given
+    if not isinstance(given, dict):
+        what = f"section {section!r}" if section else "a config"
+        raise ConfigError(f"{what} must be a mapping, got {type(given).__name__}")
+    unknown = sorted(set(given) - set(hints))
+    if unknown and not section:
+        raise ConfigError(f"unknown section(s) {unknown}; allowed sections: {list(hints)}")
+    if unknown:
+        raise ConfigError(f"unknown key {section}.{unknown[0]}; allowed keys: {sorted(hints)}")
+    if not section:
+        given = {name: from_mapping(hint, given.get(name), name)
+                 if dataclasses.is_dataclass(hint) else dict(given.get(name) or {})
+                 for name, hint in hints.items()}
     try:
-        return cls(**values)
+        return cls(**given)
     except ConfigError:
         raise
     except ValueError as e:
-        raise ConfigError(f"{section}: {e}") from None
+        raise ConfigError(f"{section}: {e}" if section else str(e)) from None
+
+
+def check_types(config: Any, section: str) -> None:
+    """Check each field of the config dataclass ``config`` against its type hint, naming
+    ``section.key``; numeric strings in float fields become floats (YAML reads ``1e-4``, without
+    a dot, as a string). Every config dataclass calls it first in its ``__post_init__``."""
+    for name, hint in dataclass_hints(type(config)).items():
+        value = getattr(config, name)
+        if isinstance(value, str) and _accepts_float(hint):
+            try:
+                value = float(value)
+                setattr(config, name, value)
+            except ValueError:
+                pass
+        if not _matches(value, hint):
+            raise ConfigError(f"{section}.{name} = {value!r} has the wrong type; expected "
+                              f"{_describe(hint)}")
+
+
+def to_mapping(config: Any) -> dict:
+    """A config dataclass as plain YAML-ready data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def require(condition: bool, key: str, value: Any, allowed: str) -> None:

@@ -27,6 +27,8 @@ import torch
 from accelerate import Accelerator
 from safetensors import safe_open
 
+from .distributed import any_process
+
 _NAME = re.compile(r"^step_(\d{8})$")
 MARKER = "complete.json"
 
@@ -106,17 +108,11 @@ def load_checkpoint(accelerator: Accelerator, path: Path, states: dict[str, Any]
             obj.to(accelerator.device)
 
 
-def _any(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every process if ``flag`` is true on any (accelerate.reduce has max, not or)."""
-    t = torch.tensor([float(flag)], device=accelerator.device)
-    return accelerator.reduce(t, reduction="max").item() > 0
-
-
 def _fail_together(accelerator: Accelerator, error: OSError | None, partial: Path,
                    directory: Path, step: int) -> None:
     """Every process must learn of a failure on any, or the next collective would hang: all
     raise ``CheckpointError`` and the half-written folder goes."""
-    if _any(accelerator, error is not None):
+    if any_process(accelerator, error is not None):
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         raise CheckpointError(_write_error(directory, step, error))

@@ -2,7 +2,7 @@
 (CVQ-VAE Tab. 1 / LooC Tab. 1: VQ, CVQ, LooC under identical settings), LooC Tab. 3 (d* at
 K = 256) and CVQ-VAE Tab. 4c (anchor sampling, online and offline). Every row trains the same
 small VQ-VAE (hidden 128, Adam 3e-4, loss MSE / data variance + quantizer loss, no GAN, no
-perceptual loss) with the same seed through ``tokenizer.compare.train``, and is scored on the
+perceptual loss) with the same seed through ``tokenizer.experiments.compare.train``, and is scored on the
 validation part; the papers' numbers are printed beside ours."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .compare import build_model, evaluate, train
-from .data import load_mnist_idx
+from .mnist import load_mnist_idx
 
 MNIST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 HIDDEN, EMBED_DIM = 128, 128  # the papers' VQ-VAE: 128 hidden channels, codes of dimension 128
@@ -114,7 +114,7 @@ def load_mnist(directory: str | Path) -> dict[str, torch.Tensor]:
 
 # --- optional metrics: each needs pretrained weights and is skipped without them ----------------
 def _lpips_scorer(device: torch.device):
-    from .losses import build_lpips
+    from ..losses import build_lpips
 
     net = build_lpips(pretrained=True).to(device)
 
@@ -127,7 +127,7 @@ def _lpips_scorer(device: torch.device):
 
 
 def _rfid_scorer(device: torch.device):
-    from .fid import frechet_distance, inception_features, load_inception
+    from engine.fid import frechet_distance, inception_features, load_inception
 
     net = load_inception(None, device)
 

@@ -1,6 +1,6 @@
 """The quantizer comparison behind the README's first command: the same small VQ-VAE trained on
 the same data with each quantizer, scored on held-out images. ``train`` and ``evaluate`` are
-also the loop of the table reproductions (``tokenizer.reproduce``)."""
+also the loop of the table reproductions (``tokenizer.experiments.reproduce``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .metrics import CodebookUsage, psnr, ssim
-from .quantizers import build_quantizer
+from ..metrics import CodebookUsage, psnr, ssim
+from ..quantizers import build_quantizer
 from .vqvae import SmallVQVAE
 
 # name → (kind, options); embed_dim 64 for all, so LooC's d*=4 gives m=16 segments.
