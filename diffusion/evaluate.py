@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from pipelines.sampling import image_labels, is_conditional, sample_images
 from engine.config import check_types, require
 from engine.data import DataConfig, build_dataset
-from engine.fid import inception_features
 from engine.distributed import main_process_decides
+from engine.fid import inception_features
+from pipelines.sampling import image_labels, is_conditional, sample_images
 
 CACHE_ENV = "NEVERCOLLAPSE_FID_CACHE"
 
@@ -55,15 +55,28 @@ class EvalConfig:
     def __post_init__(self):
         check_types(self, "eval")
         require(self.num_samples >= 2, "eval.num_samples", self.num_samples, "must be >= 2")
-        require(self.steps is None or self.steps >= 1, "eval.steps", self.steps,
-                "must be >= 1 or null")
+        require(
+            self.steps is None or self.steps >= 1, "eval.steps", self.steps, "must be >= 1 or null"
+        )
         require(0 <= self.eta <= 1, "eval.eta", self.eta, "must be in [0, 1]")
-        require(self.guidance_scale is None or self.guidance_scale >= 0, "eval.guidance_scale",
-                self.guidance_scale, "must be >= 0 or null")
-        require(self.reference_part in ("train", "validation"), "eval.reference_part",
-                self.reference_part, 'choose "train" or "validation"')
-        require(self.reference_images is None or self.reference_images >= 2,
-                "eval.reference_images", self.reference_images, "must be >= 2 or null")
+        require(
+            self.guidance_scale is None or self.guidance_scale >= 0,
+            "eval.guidance_scale",
+            self.guidance_scale,
+            "must be >= 0 or null",
+        )
+        require(
+            self.reference_part in ("train", "validation"),
+            "eval.reference_part",
+            self.reference_part,
+            'choose "train" or "validation"',
+        )
+        require(
+            self.reference_images is None or self.reference_images >= 2,
+            "eval.reference_images",
+            self.reference_images,
+            "must be >= 2 or null",
+        )
 
 
 def default_cache_dir() -> Path:
@@ -86,8 +99,11 @@ def folder_digest(folder: str | os.PathLike, skip: tuple[str, ...] = ("README.md
     """Hash of every file under ``folder`` (configs and weights; not the model card nor
     Python's byte-code caches)."""
     digest = hashlib.sha256()
-    files = [p for p in Path(folder).rglob("*") if p.is_file() and p.name not in skip
-             and "__pycache__" not in p.parts]
+    files = [
+        p
+        for p in Path(folder).rglob("*")
+        if p.is_file() and p.name not in skip and "__pycache__" not in p.parts
+    ]
     for path in sorted(files):
         digest.update(str(path.relative_to(folder)).encode() + b"\0")
         digest.update(file_digest(path, 64).encode())
@@ -101,12 +117,22 @@ def reference_spec(data: DataConfig, part: str, max_images: int | None, weights:
     prefix = "lsun:" if data.source.startswith("lsun:") else ""
     path = data.source.removeprefix(prefix)  # a local path counts by where it is, not how named
     source = prefix + os.path.abspath(path) if os.path.exists(path) else data.source
-    return {"source": source, "split": data.split, "part": part,
-            "validation_size": data.validation_size, "seed": data.seed,
-            "image_column": data.image_column, "label_column": data.label_column,
-            "resolution": data.resolution, "channels": data.channels, "crop": "center",
-            "flip": False, "max_images": max_images,
-            "features": "inception-v3-compat/2048", "inception_weights": weights}
+    return {
+        "source": source,
+        "split": data.split,
+        "part": part,
+        "validation_size": data.validation_size,
+        "seed": data.seed,
+        "image_column": data.image_column,
+        "label_column": data.label_column,
+        "resolution": data.resolution,
+        "channels": data.channels,
+        "crop": "center",
+        "flip": False,
+        "max_images": max_images,
+        "features": "inception-v3-compat/2048",
+        "inception_weights": weights,
+    }
 
 
 def reference_key(spec: dict) -> str:
@@ -116,17 +142,21 @@ def reference_key(spec: dict) -> str:
     return f"{name[:40] or 'data'}-{spec['part']}-{spec['resolution']}px-{digest}"
 
 
-def gather_in_order(accelerator: Accelerator, ids: list[int],
-                    values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def gather_in_order(
+    accelerator: Accelerator, ids: list[int], values: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Concatenate every process's rows (row j of each tensor belongs to item ``ids[j]``) and
     sort them by item id, on the CPU. Uneven shares are padded for the collective and dropped."""
     index = torch.tensor(ids, dtype=torch.long)
     if accelerator.num_processes > 1:
         device = accelerator.device
-        index = accelerator.gather(accelerator.pad_across_processes(index.to(device),
-                                                                    pad_index=-1)).cpu()
-        values = {k: accelerator.gather(accelerator.pad_across_processes(v.to(device))).cpu()
-                  for k, v in values.items()}
+        index = accelerator.gather(
+            accelerator.pad_across_processes(index.to(device), pad_index=-1)
+        ).cpu()
+        values = {
+            k: accelerator.gather(accelerator.pad_across_processes(v.to(device))).cpu()
+            for k, v in values.items()
+        }
     keep = index >= 0
     order = torch.argsort(index[keep])
     return {k: v[keep][order] for k, v in values.items()}
@@ -135,26 +165,36 @@ def gather_in_order(accelerator: Accelerator, ids: list[int],
 def _concat(parts: dict[str, list[torch.Tensor]], widths: dict[str, int]) -> dict:
     """Concatenate each list of batches; a process with no items (more processes than items)
     gets empty tensors of the right shape (``widths[name]`` columns; 0: a vector of labels)."""
+
     def empty(width):
         return torch.zeros(0, width) if width else torch.zeros(0, dtype=torch.long)
+
     return {k: torch.cat(v) if v else empty(widths[k]) for k, v in parts.items()}
 
 
 @dataclass
 class Reference:
     features: torch.Tensor  # N×2048 float32
-    labels: torch.Tensor    # N int64 (-1: unlabelled)
+    labels: torch.Tensor  # N int64 (-1: unlabelled)
     key: str
     spec: dict
     path: Path
-    cached: bool            # read from the cache rather than computed
+    cached: bool  # read from the cache rather than computed
 
 
 @torch.no_grad()
-def reference_features(data: DataConfig, part: str, inception: torch.nn.Module,
-                       accelerator: Accelerator, *, weights: str, max_images: int | None = None,
-                       batch_size: int = 64, cache_dir: str | os.PathLike | None = None,
-                       refresh: bool = False) -> Reference:
+def reference_features(
+    data: DataConfig,
+    part: str,
+    inception: torch.nn.Module,
+    accelerator: Accelerator,
+    *,
+    weights: str,
+    max_images: int | None = None,
+    batch_size: int = 64,
+    cache_dir: str | os.PathLike | None = None,
+    refresh: bool = False,
+) -> Reference:
     """Inception features of the reference images, read as for training (same source, split,
     resolution and channels; centre crop, no flips), from the cache when it holds them (the main
     process decides and reads it; the others then get empty features)."""
@@ -164,8 +204,9 @@ def reference_features(data: DataConfig, part: str, inception: torch.nn.Module,
     # one decision for all: a process that computes enters the gather below
     if main_process_decides(accelerator, lambda: path.is_file() and not refresh):
         if not accelerator.is_main_process:  # only the main process computes the metrics
-            return Reference(torch.zeros(0, 2048), torch.zeros(0, dtype=torch.long), key, spec,
-                             path, cached=True)
+            return Reference(
+                torch.zeros(0, 2048), torch.zeros(0, dtype=torch.long), key, spec, path, cached=True
+            )
         stored = load_file(path)
         return Reference(stored["features"], stored["labels"], key, spec, path, cached=True)
 
@@ -175,44 +216,71 @@ def reference_features(data: DataConfig, part: str, inception: torch.nn.Module,
     if max_images is not None and len(dataset) > max_images:  # a fixed random subset
         perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
         chosen = sorted(perm[:max_images].tolist())
-    mine = list(range(len(chosen)))[accelerator.process_index::accelerator.num_processes]
+    mine = list(range(len(chosen)))[accelerator.process_index :: accelerator.num_processes]
     parts = {"features": [], "labels": []}
     loader = DataLoader(Subset(dataset, [chosen[i] for i in mine]), batch_size=batch_size)
-    for batch in tqdm(loader, desc=f"reference features ({part})",
-                      disable=not accelerator.is_local_main_process):
+    for batch in tqdm(
+        loader, desc=f"reference features ({part})", disable=not accelerator.is_local_main_process
+    ):
         parts["features"].append(inception_features(inception, batch["pixel_values"])["2048"])
         parts["labels"].append(torch.as_tensor(batch["label"]).long())
     found = gather_in_order(accelerator, mine, _concat(parts, {"features": 2048, "labels": 0}))
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".partial{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in found.items()}, str(partial),
-                  metadata={"spec": json.dumps(spec, sort_keys=True)})
+        save_file(
+            {k: v.contiguous() for k, v in found.items()},
+            str(partial),
+            metadata={"spec": json.dumps(spec, sort_keys=True)},
+        )
         os.replace(partial, path)  # atomic: a killed run leaves no half-written entry
     accelerator.wait_for_everyone()
     return Reference(found["features"], found["labels"], key, spec, path, cached=False)
 
 
 @torch.no_grad()
-def generated_features(pipe, inception: torch.nn.Module, accelerator: Accelerator, *,
-                       num_samples: int, batch_size: int, seed: int, steps: int, eta: float,
-                       guidance_scale: float, class_labels: list[int] | None = None,
-                       save_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+def generated_features(
+    pipe,
+    inception: torch.nn.Module,
+    accelerator: Accelerator,
+    *,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    steps: int,
+    eta: float,
+    guidance_scale: float,
+    class_labels: list[int] | None = None,
+    save_dir: str | os.PathLike | None = None,
+) -> dict[str, torch.Tensor]:
     """Features ("2048", and "logits_unbiased" if the Inception model computes them) and labels
     (-1 for unconditional pipelines) of ``num_samples`` images, image ``i`` drawn from seed
     ``seed + i`` exactly as ``scripts/sample.py`` draws it; optionally saved as PNGs too."""
     conditional = is_conditional(pipe)
-    mine = list(range(num_samples))[accelerator.process_index::accelerator.num_processes]
+    mine = list(range(num_samples))[accelerator.process_index :: accelerator.num_processes]
     names = inception.features_list
     parts = {name: [] for name in names} | {"labels": []}
-    for start in tqdm(range(0, len(mine), batch_size), desc=f"sampling ({steps} steps)",
-                      disable=not accelerator.is_local_main_process):
-        ids = mine[start:start + batch_size]
-        labels = (image_labels(ids, seed, pipe.num_classes, class_labels) if conditional
-                  else [-1] * len(ids))
-        images = sample_images(pipe, ids, seed=seed, steps=steps, eta=eta,
-                               guidance_scale=guidance_scale, labels=labels,
-                               output_type="pt").float()
+    for start in tqdm(
+        range(0, len(mine), batch_size),
+        desc=f"sampling ({steps} steps)",
+        disable=not accelerator.is_local_main_process,
+    ):
+        ids = mine[start : start + batch_size]
+        labels = (
+            image_labels(ids, seed, pipe.num_classes, class_labels)
+            if conditional
+            else [-1] * len(ids)
+        )
+        images = sample_images(
+            pipe,
+            ids,
+            seed=seed,
+            steps=steps,
+            eta=eta,
+            guidance_scale=guidance_scale,
+            labels=labels,
+            output_type="pt",
+        ).float()
         for name, value in inception_features(inception, images * 2 - 1).items():
             parts[name].append(value)
         parts["labels"].append(torch.tensor(labels))
@@ -224,6 +292,7 @@ def generated_features(pipe, inception: torch.nn.Module, accelerator: Accelerato
 
 def _save_pngs(images: torch.Tensor, ids: list[int], labels: list[int], folder: Path) -> None:
     from torchvision.utils import save_image
+
     folder.mkdir(parents=True, exist_ok=True)
     for image, i, label in zip(images, ids, labels):
         save_image(image, folder / (f"{i:06d}" + (f"_class{label}" if label >= 0 else "") + ".png"))

@@ -28,9 +28,9 @@ import math
 import os
 import struct
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,13 +46,20 @@ from tokenizer.model import VQTokenizer
 
 FORMAT = 2  # 1: float32 only, mirror images in a second half, no statistics
 METADATA, PENDING = "metadata.json", "pending.json"
-SETTINGS = ("format", "tokenizer_fingerprint", "data", "part", "quantized", "flips", "dtype",
-            "precision")
+SETTINGS = (
+    "format",
+    "tokenizer_fingerprint",
+    "data",
+    "part",
+    "quantized",
+    "flips",
+    "dtype",
+    "precision",
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # numpy has no bfloat16: its values are mapped as uint16 and reinterpreted by torch
 _NUMPY = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "I64": np.int64}
-_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-          "I64": torch.int64}
+_TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64}
 
 
 class StaleCacheError(RuntimeError):
@@ -61,8 +68,11 @@ class StaleCacheError(RuntimeError):
 
 def _tokenizer_config(tokenizer: VQTokenizer) -> dict[str, Any]:
     """The JSON config that decides the latents: no private keys, no ``scaling_factor``."""
-    config = {key: value for key, value in dict(tokenizer.config).items()
-              if not key.startswith("_") and key != "scaling_factor"}
+    config = {
+        key: value
+        for key, value in dict(tokenizer.config).items()
+        if not key.startswith("_") and key != "scaling_factor"
+    }
     return json.loads(json.dumps(config, sort_keys=True, default=str))
 
 
@@ -84,9 +94,11 @@ def _data_config(config: DataConfig | Mapping[str, Any], part: str) -> DataConfi
     elif not isinstance(config, DataConfig):
         raise TypeError(f"data_config must be a DataConfig or a dict, got {type(config).__name__}")
     if part == "train" and (config.flip or config.crop == "random"):
-        warnings.warn("the latent cache stores fixed views: data.flip and random crops are "
-                      "ignored (center crop); pass flips=True to cache mirrored copies",
-                      stacklevel=3)
+        warnings.warn(
+            "the latent cache stores fixed views: data.flip and random crops are "
+            "ignored (center crop); pass flips=True to cache mirrored copies",
+            stacklevel=3,
+        )
     return dataclasses.replace(config, flip=False, crop="center")
 
 
@@ -101,8 +113,11 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
             diffs += [f"data.{k} {a.get(k)!r} vs {b[k]!r}" for k in b if a.get(k) != b[k]]
         elif key == "tokenizer_fingerprint":
             a_cfg, b_cfg = old.get("tokenizer_config") or {}, new["tokenizer_config"]
-            changed = [f"tokenizer.{k} {a_cfg.get(k)!r} vs {b_cfg.get(k)!r}"
-                       for k in sorted(set(a_cfg) | set(b_cfg)) if a_cfg.get(k) != b_cfg.get(k)]
+            changed = [
+                f"tokenizer.{k} {a_cfg.get(k)!r} vs {b_cfg.get(k)!r}"
+                for k in sorted(set(a_cfg) | set(b_cfg))
+                if a_cfg.get(k) != b_cfg.get(k)
+            ]
             diffs += changed or ["tokenizer weights differ"]
         else:
             diffs.append(f"{key} {a!r} vs {b!r}")
@@ -163,10 +178,21 @@ def _merge(a: tuple[int, float, float], b: tuple[int, float, float]) -> tuple[in
 
 
 @torch.no_grad()
-def _encode_shards(tokenizer: VQTokenizer, dataset: Dataset, root: Path, shards: list[int],
-                   count: int, shard_size: int, flips: bool, quantized: bool, dtype: torch.dtype,
-                   batch_size: int, num_workers: int, device: torch.device,
-                   autocast: Callable[[], Any]) -> None:
+def _encode_shards(
+    tokenizer: VQTokenizer,
+    dataset: Dataset,
+    root: Path,
+    shards: list[int],
+    count: int,
+    shard_size: int,
+    flips: bool,
+    quantized: bool,
+    dtype: torch.dtype,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    autocast: Callable[[], Any],
+) -> None:
     """Encode and write ``shards``: item j is image j // 2, mirrored when j is odd (flips), else
     image j. Images are decoded once by ``num_workers`` loader workers; the encoder runs under
     ``autocast()`` (the quantizer searches in float32 whatever autocast says)."""
@@ -175,8 +201,12 @@ def _encode_shards(tokenizer: VQTokenizer, dataset: Dataset, root: Path, shards:
     for k in shards:
         first, last = k * shard_size // per_image, min((k + 1) * shard_size, count) // per_image
         chunks += [range(s, min(s + batch_size, last)) for s in range(first, last, batch_size)]
-    loader = DataLoader(dataset, batch_sampler=[list(c) for c in chunks], num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_sampler=[list(c) for c in chunks],
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
     latents: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []  # of the shard being encoded
     for chunk, batch in zip(chunks, loader):
@@ -189,7 +219,7 @@ def _encode_shards(tokenizer: VQTokenizer, dataset: Dataset, root: Path, shards:
         # the quantizer gets float32 latents, so z_q holds its float32 codes exactly
         z = tokenizer.quantize(h.float()).z_q if quantized else h.float()
         if flips:  # image i, then its mirror image
-            z = torch.stack([z[:len(y)], z[len(y):]], 1).flatten(0, 1)
+            z = torch.stack([z[: len(y)], z[len(y) :]], 1).flatten(0, 1)
             y = y.repeat_interleave(2)
         latents.append(z.to(dtype).cpu())
         labels.append(y)
@@ -205,8 +235,11 @@ def write_shard(root: Path, k: int, latents: torch.Tensor, labels: torch.Tensor)
     path = root / _shard_name(k)
     tmp = path.with_name(path.name + ".tmp")
     n, mean, m2 = _moments(latents)
-    save_file({"latents": latents.contiguous(), "labels": labels.long().contiguous()}, tmp,
-              metadata={"count": str(n), "mean": repr(mean), "m2": repr(m2)})
+    save_file(
+        {"latents": latents.contiguous(), "labels": labels.long().contiguous()},
+        tmp,
+        metadata={"count": str(n), "mean": repr(mean), "m2": repr(m2)},
+    )
     os.replace(tmp, path)
 
 
@@ -218,25 +251,37 @@ def _summary(root: Path, names: list[str]) -> dict[str, Any]:
         with safe_open(str(root / name), framework="pt") as shard:
             shape = list(shard.get_slice("latents").get_shape()[1:])
             meta = shard.metadata()
-            moments = _merge(moments, (int(meta["count"]), float(meta["mean"]),
-                                       float(meta["m2"])))
+            moments = _merge(moments, (int(meta["count"]), float(meta["mean"]), float(meta["m2"])))
             labels = shard.get_tensor("labels")
         lows.append(int(labels.min()))
         highs.append(int(labels.max()))
     low, high = min(lows), max(highs)
     has_labels = low >= 0
-    return {"latent_shape": shape, "latent_mean": moments[1],
-            "latent_std": math.sqrt(moments[2] / max(moments[0] - 1, 1)),
-            "label_min": low, "label_max": high, "has_labels": has_labels,
-            "num_classes": high + 1 if has_labels else 0}
+    return {
+        "latent_shape": shape,
+        "latent_mean": moments[1],
+        "latent_std": math.sqrt(moments[2] / max(moments[0] - 1, 1)),
+        "label_min": low,
+        "label_max": high,
+        "has_labels": has_labels,
+        "num_classes": high + 1 if has_labels else 0,
+    }
 
 
-def build_latent_cache(tokenizer: VQTokenizer, data_config: DataConfig | Mapping[str, Any],
-                       cache_dir: str | os.PathLike, *, part: str = "train",
-                       quantized: bool = True, flips: bool = False, dtype: str = "float32",
-                       batch_size: int = 64, shard_size: int = 4096,
-                       accelerator: Accelerator | None = None,
-                       num_workers: int = 0) -> LatentCache:
+def build_latent_cache(
+    tokenizer: VQTokenizer,
+    data_config: DataConfig | Mapping[str, Any],
+    cache_dir: str | os.PathLike,
+    *,
+    part: str = "train",
+    quantized: bool = True,
+    flips: bool = False,
+    dtype: str = "float32",
+    batch_size: int = 64,
+    shard_size: int = 4096,
+    accelerator: Accelerator | None = None,
+    num_workers: int = 0,
+) -> LatentCache:
     """Encode ``part`` of the data into ``cache_dir`` (or reuse the complete cache there) and
     open it on every process.
 
@@ -251,17 +296,28 @@ def build_latent_cache(tokenizer: VQTokenizer, data_config: DataConfig | Mapping
     mode without gradients on ``accelerator.device`` (the tokenizer is moved there) or on the
     tokenizer's device."""
     if part not in PARTS or min(batch_size, shard_size) < 1 or dtype not in DTYPES:
-        raise ValueError(f"need part in {PARTS}, batch_size, shard_size >= 1 and dtype in "
-                         f"{list(DTYPES)}; got {part!r}, {batch_size}, {shard_size}, {dtype!r}")
+        raise ValueError(
+            f"need part in {PARTS}, batch_size, shard_size >= 1 and dtype in "
+            f"{list(DTYPES)}; got {part!r}, {batch_size}, {shard_size}, {dtype!r}"
+        )
     if flips and shard_size % 2:
-        raise ValueError(f"with flips, shard_size must be even (an image and its mirror image "
-                         f"share a shard); got {shard_size}")
+        raise ValueError(
+            f"with flips, shard_size must be even (an image and its mirror image "
+            f"share a shard); got {shard_size}"
+        )
     root, config = Path(cache_dir), _data_config(data_config, part)
     precision = accelerator.mixed_precision if accelerator else "no"
-    settings = {"format": FORMAT, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                "tokenizer_config": _tokenizer_config(tokenizer),
-                "data": dataclasses.asdict(config), "part": part, "quantized": bool(quantized),
-                "flips": bool(flips), "dtype": dtype, "precision": precision}
+    settings = {
+        "format": FORMAT,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "tokenizer_config": _tokenizer_config(tokenizer),
+        "data": dataclasses.asdict(config),
+        "part": part,
+        "quantized": bool(quantized),
+        "flips": bool(flips),
+        "dtype": dtype,
+        "precision": precision,
+    }
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     barrier = accelerator.wait_for_everyone if accelerator else lambda: None
 
@@ -270,8 +326,11 @@ def build_latent_cache(tokenizer: VQTokenizer, data_config: DataConfig | Mapping
         if previous is not None:
             diffs = _differences(previous, settings)
             if diffs:
-                raise _stale(root, "a latent cache built with other settings (cache vs "
-                             "requested: " + "; ".join(diffs) + ")")
+                raise _stale(
+                    root,
+                    "a latent cache built with other settings (cache vs "
+                    "requested: " + "; ".join(diffs) + ")",
+                )
         return previous
 
     previous = main_process_decides(accelerator, check_folder)
@@ -282,27 +341,47 @@ def build_latent_cache(tokenizer: VQTokenizer, data_config: DataConfig | Mapping
     count = len(dataset) * (2 if flips else 1)
     if previous is not None:
         if previous["count"] != count:
-            raise _stale(root, f"a partial cache of {previous['count']} items, not {count} "
-                               f"(the data changed)")
+            raise _stale(
+                root,
+                f"a partial cache of {previous['count']} items, not {count} (the data changed)",
+            )
         if previous["shard_size"] != shard_size:
-            warnings.warn(f"resuming {root} with its shard_size {previous['shard_size']} "
-                          f"(not {shard_size})", stacklevel=2)
+            warnings.warn(
+                f"resuming {root} with its shard_size {previous['shard_size']} (not {shard_size})",
+                stacklevel=2,
+            )
             shard_size = previous["shard_size"]
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         _write_json(root / PENDING, {**settings, "count": count, "shard_size": shard_size})
     barrier()
     names = [_shard_name(k) for k in range(math.ceil(count / shard_size))]
-    todo = [k for k in range(rank, len(names), world)
-            if not _shard_ok(root / names[k], min(shard_size, count - k * shard_size))]
+    todo = [
+        k
+        for k in range(rank, len(names), world)
+        if not _shard_ok(root / names[k], min(shard_size, count - k * shard_size))
+    ]
     if todo:
         device = accelerator.device if accelerator else next(tokenizer.parameters()).device
         autocast = accelerator.autocast if accelerator else contextlib.nullcontext
         was_training = tokenizer.training
         tokenizer.to(device).eval()
         try:
-            _encode_shards(tokenizer, dataset, root, todo, count, shard_size, flips, quantized,
-                           DTYPES[dtype], batch_size, num_workers, device, autocast)
+            _encode_shards(
+                tokenizer,
+                dataset,
+                root,
+                todo,
+                count,
+                shard_size,
+                flips,
+                quantized,
+                DTYPES[dtype],
+                batch_size,
+                num_workers,
+                device,
+                autocast,
+            )
         finally:
             tokenizer.train(was_training)
     barrier()
@@ -312,13 +391,23 @@ def build_latent_cache(tokenizer: VQTokenizer, data_config: DataConfig | Mapping
     return _open(root, rank)
 
 
-def complete_cache(root: Path, settings: dict[str, Any], dataset_size: int, count: int,
-                   shard_size: int) -> None:
+def complete_cache(
+    root: Path, settings: dict[str, Any], dataset_size: int, count: int, shard_size: int
+) -> None:
     """Write metadata.json for the finished shards in ``root`` (which marks the cache complete)."""
     names = [_shard_name(k) for k in range(math.ceil(count / shard_size))]
-    _write_json(root / METADATA, {
-        **settings, "dataset_size": dataset_size, "count": count, "shard_size": shard_size,
-        "shards": names, **_summary(root, names), "complete": True})
+    _write_json(
+        root / METADATA,
+        {
+            **settings,
+            "dataset_size": dataset_size,
+            "count": count,
+            "shard_size": shard_size,
+            "shards": names,
+            **_summary(root, names),
+            "complete": True,
+        },
+    )
     (root / PENDING).unlink(missing_ok=True)
 
 
@@ -328,9 +417,11 @@ def _open(root: Path, rank: int) -> LatentCache:
     except FileNotFoundError as err:
         if rank == 0:
             raise
-        raise FileNotFoundError(f"{err} (process {rank} cannot see the cache that process 0 "
-                                "sees: cache.dir must be on storage that every process "
-                                "shares)") from None
+        raise FileNotFoundError(
+            f"{err} (process {rank} cannot see the cache that process 0 "
+            "sees: cache.dir must be on storage that every process "
+            "shares)"
+        ) from None
 
 
 def _map_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -340,11 +431,19 @@ def _map_shard(path: Path) -> dict[str, torch.Tensor]:
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
-    return {name: torch.from_numpy(np.memmap(path, dtype=_NUMPY[info["dtype"]], mode="c",
-                                             offset=8 + length + info["data_offsets"][0],
-                                             shape=tuple(info["shape"])).view(np.ndarray)
-                                   ).view(_TORCH[info["dtype"]])
-            for name, info in header.items() if name != "__metadata__"}
+    return {
+        name: torch.from_numpy(
+            np.memmap(
+                path,
+                dtype=_NUMPY[info["dtype"]],
+                mode="c",
+                offset=8 + length + info["data_offsets"][0],
+                shape=tuple(info["shape"]),
+            ).view(np.ndarray)
+        ).view(_TORCH[info["dtype"]])
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
 
 
 class LatentCache(Dataset):
@@ -362,12 +461,14 @@ class LatentCache(Dataset):
             raise FileNotFoundError(
                 f"{self.root} is not a complete latent cache (no complete {METADATA}); build "
                 f"one with diffusion.latent_cache.build_latent_cache(tokenizer, data_config, "
-                f"{str(self.root)!r})")
+                f"{str(self.root)!r})"
+            )
         if metadata.get("format") != FORMAT:
             raise StaleCacheError(
                 f"{self.root} is a latent cache of format {metadata.get('format')} (this "
                 f"version reads format {FORMAT}); rebuild it: rm -r {self.root}, then run "
-                "scripts/train_diffusion.py again (it encodes the data into that folder)")
+                "scripts/train_diffusion.py again (it encodes the data into that folder)"
+            )
         self.metadata: dict[str, Any] = metadata
         self.shard_size = metadata["shard_size"]
         self._maps: list[dict[str, torch.Tensor]] | None = None
@@ -378,13 +479,17 @@ class LatentCache(Dataset):
     def _shards(self) -> list[dict[str, torch.Tensor]]:
         if self._maps is None:
             maps = [_map_shard(self.root / name) for name in self.metadata["shards"]]
-            shape = [len(maps[-1]["labels"]) + self.shard_size * (len(maps) - 1),
-                     *maps[0]["latents"].shape[1:]]
+            shape = [
+                len(maps[-1]["labels"]) + self.shard_size * (len(maps) - 1),
+                *maps[0]["latents"].shape[1:],
+            ]
             expected = [self.metadata["count"], *self.metadata["latent_shape"]]
             if shape != expected:
-                raise ValueError(f"{self.root} is damaged: its shards hold latents of shape "
-                                 f"{shape}, metadata says {expected}; delete it and build it "
-                                 "again")
+                raise ValueError(
+                    f"{self.root} is damaged: its shards hold latents of shape "
+                    f"{shape}, metadata says {expected}; delete it and build it "
+                    "again"
+                )
             self._maps = maps
         return self._maps
 
@@ -402,8 +507,10 @@ class LatentCache(Dataset):
         """Items ``start:stop`` as (latents float32, labels), in memory: for small caches and
         checks, not for training."""
         items = [self[i] for i in range(len(self))[start:stop]]
-        return (torch.stack([item["latents"] for item in items]),
-                torch.stack([item["label"] for item in items]))
+        return (
+            torch.stack([item["latents"] for item in items]),
+            torch.stack([item["label"] for item in items]),
+        )
 
 
 def measure_scaling_factor(cache: LatentCache) -> float:

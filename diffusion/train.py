@@ -25,8 +25,11 @@ from engine.config import ConfigError, check_types, parse_yaml, require, to_mapp
 from engine.data import DataConfig, check_source_exists
 from engine.distributed import check_replicas_agree
 from engine.run import Run, check_precision, seeded_batches
-from pipelines import (ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline,
-                       default_scheduler)
+from pipelines import (
+    ClassConditionalLatentDiffusionPipeline,
+    LatentDiffusionPipeline,
+    default_scheduler,
+)
 from pipelines.model_card import write_model_card
 from pipelines.sampling import TRAINING_CONFIG
 from tokenizer import VQTokenizer
@@ -34,6 +37,7 @@ from tokenizer import VQTokenizer
 from .evaluate import EvalConfig
 from .latent_cache import DTYPES, build_latent_cache, measure_scaling_factor
 from .unet import UNetConfig, build_unet, training_scheduler
+
 
 @dataclass
 class CacheConfig:
@@ -64,9 +68,12 @@ class CacheConfig:
         check_types(self, "cache")
         require(self.batch_size >= 1, "cache.batch_size", self.batch_size, "must be >= 1")
         require(self.shard_size >= 1, "cache.shard_size", self.shard_size, "must be >= 1")
-        require(not self.flips or self.shard_size % 2 == 0, "cache.shard_size",
-                self.shard_size, "must be even with cache.flips (an image and its mirror image "
-                "share a shard)")
+        require(
+            not self.flips or self.shard_size % 2 == 0,
+            "cache.shard_size",
+            self.shard_size,
+            "must be even with cache.flips (an image and its mirror image share a shard)",
+        )
         require(self.dtype in DTYPES, "cache.dtype", self.dtype, f"choose one of {list(DTYPES)}")
         require(self.num_workers >= 0, "cache.num_workers", self.num_workers, "must be >= 0")
 
@@ -118,19 +125,36 @@ class DiffusionTrainConfig:
 
     def __post_init__(self):
         check_types(self, "train")
-        for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every",
-                    "sample_every", "sample_steps", "checkpoint_every", "keep_checkpoints",
-                    "max_nonfinite_steps"):
+        for key in (
+            "max_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "log_every",
+            "sample_every",
+            "sample_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_nonfinite_steps",
+        ):
             require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
         require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
         require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
         require(0 < self.ema_decay < 1, "train.ema_decay", self.ema_decay, "must be in (0, 1)")
-        require(0 <= self.label_dropout < 1, "train.label_dropout", self.label_dropout,
-                "must be in [0, 1)")
-        require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
-                self.mixed_precision, 'choose "no", "fp16" or "bf16"')
-        require(self.sample_guidance >= 1, "train.sample_guidance", self.sample_guidance,
-                "must be >= 1")
+        require(
+            0 <= self.label_dropout < 1,
+            "train.label_dropout",
+            self.label_dropout,
+            "must be in [0, 1)",
+        )
+        require(
+            self.mixed_precision in ("no", "fp16", "bf16"),
+            "train.mixed_precision",
+            self.mixed_precision,
+            'choose "no", "fp16" or "bf16"',
+        )
+        require(
+            self.sample_guidance >= 1, "train.sample_guidance", self.sample_guidance, "must be >= 1"
+        )
 
 
 @dataclass
@@ -150,78 +174,130 @@ def load_tokenizer(path: str | Path) -> VQTokenizer:
     path = Path(path)
     if not (path / "config.json").is_file():
         hint = " (did you mean its tokenizer/ sub-folder?)" if (path / "tokenizer").is_dir() else ""
-        raise ConfigError(f"--tokenizer {path}: not a saved tokenizer folder (no config.json)"
-                          f"{hint}; pass the DIR/tokenizer folder written by train_tokenizer.py")
+        raise ConfigError(
+            f"--tokenizer {path}: not a saved tokenizer folder (no config.json)"
+            f"{hint}; pass the DIR/tokenizer folder written by train_tokenizer.py"
+        )
     tokenizer = VQTokenizer.from_pretrained(path)
     return tokenizer.eval().requires_grad_(False)
 
 
 def check_compatible(config: DiffusionConfig, tokenizer: VQTokenizer) -> None:
     """The data must be read as the tokenizer was trained."""
-    require(config.data.resolution == tokenizer.config.resolution, "data.resolution",
-            config.data.resolution, f"must equal the tokenizer's resolution "
-            f"({tokenizer.config.resolution})")
-    require(config.data.channels == tokenizer.config.in_channels, "data.channels",
-            config.data.channels, f"must equal the tokenizer's in_channels "
-            f"({tokenizer.config.in_channels})")
+    require(
+        config.data.resolution == tokenizer.config.resolution,
+        "data.resolution",
+        config.data.resolution,
+        f"must equal the tokenizer's resolution ({tokenizer.config.resolution})",
+    )
+    require(
+        config.data.channels == tokenizer.config.in_channels,
+        "data.channels",
+        config.data.channels,
+        f"must equal the tokenizer's in_channels ({tokenizer.config.in_channels})",
+    )
 
 
-def train_diffusion(config: DiffusionConfig, tokenizer_dir: str | Path, output_dir: str | Path,
-                    resume: str | None = None) -> Path:
+def train_diffusion(
+    config: DiffusionConfig,
+    tokenizer_dir: str | Path,
+    output_dir: str | Path,
+    resume: str | None = None,
+) -> Path:
     """Encode the data once, train the UNet, checkpoint, and export ``output_dir/pipeline``."""
     train = config.train
     check_source_exists(config.data)  # before anything is built (configs may name absent data)
     output_dir = Path(output_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_compatible(config, tokenizer)
-    accelerator = Accelerator(mixed_precision=train.mixed_precision,
-                              gradient_accumulation_steps=train.gradient_accumulation_steps,
-                              log_with="tensorboard", project_dir=str(output_dir))
+    accelerator = Accelerator(
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+    )
     check_precision(accelerator)
     set_seed(train.seed)
     tokenizer.to(accelerator.device)
 
-    cache = build_latent_cache(tokenizer, config.data, config.cache.dir or output_dir / "latents",
-                               quantized=config.cache.quantized, flips=config.cache.flips,
-                               dtype=config.cache.dtype, batch_size=config.cache.batch_size,
-                               shard_size=config.cache.shard_size, accelerator=accelerator,
-                               num_workers=config.cache.num_workers)
+    cache = build_latent_cache(
+        tokenizer,
+        config.data,
+        config.cache.dir or output_dir / "latents",
+        quantized=config.cache.quantized,
+        flips=config.cache.flips,
+        dtype=config.cache.dtype,
+        batch_size=config.cache.batch_size,
+        shard_size=config.cache.shard_size,
+        accelerator=accelerator,
+        num_workers=config.cache.num_workers,
+    )
     scale = measure_scaling_factor(cache)
     tokenizer.register_to_config(scaling_factor=float(scale))  # exported with the pipeline
     num_classes = config.unet.num_classes
     if num_classes:
         low, high = cache.metadata["label_min"], cache.metadata["label_max"]
-        require(low >= 0 and high < num_classes, "unet.num_classes", num_classes,
-                f"the data's labels span {low}..{high} (a class-conditional model needs every "
-                "item labelled in [0, num_classes))")
+        require(
+            low >= 0 and high < num_classes,
+            "unet.num_classes",
+            num_classes,
+            f"the data's labels span {low}..{high} (a class-conditional model needs every "
+            "item labelled in [0, num_classes))",
+        )
     channels, side = cache.metadata["latent_shape"][0], cache.metadata["latent_shape"][-1]
     unet = build_unet(config.unet, channels, side)
-    ema = EMAModel(unet.parameters(), decay=train.ema_decay, use_ema_warmup=True,
-                   power=train.ema_power, model_cls=type(unet), model_config=unet.config)
+    ema = EMAModel(
+        unet.parameters(),
+        decay=train.ema_decay,
+        use_ema_warmup=True,
+        power=train.ema_power,
+        model_cls=type(unet),
+        model_config=unet.config,
+    )
     lr = train.learning_rate
     if train.scale_lr:
         lr *= train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, betas=tuple(train.adam_betas),
-                                  weight_decay=train.weight_decay)
-    lr_schedule = get_scheduler("constant_with_warmup", optimizer,
-                                num_warmup_steps=train.warmup_steps * accelerator.num_processes)
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=lr, betas=tuple(train.adam_betas), weight_decay=train.weight_decay
+    )
+    lr_schedule = get_scheduler(
+        "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=train.warmup_steps * accelerator.num_processes,
+    )
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
     ema.to(accelerator.device)
-    run = Run(accelerator, output_dir, to_mapping(config), {"ema": ema}, resume=resume,
-              max_steps=train.max_steps, checkpoint_every=train.checkpoint_every,
-              keep_checkpoints=train.keep_checkpoints,
-              max_nonfinite_steps=train.max_nonfinite_steps, name="diffusion")
+    run = Run(
+        accelerator,
+        output_dir,
+        to_mapping(config),
+        {"ema": ema},
+        resume=resume,
+        max_steps=train.max_steps,
+        checkpoint_every=train.checkpoint_every,
+        keep_checkpoints=train.keep_checkpoints,
+        max_nonfinite_steps=train.max_nonfinite_steps,
+        name="diffusion",
+    )
 
     noise_schedule = training_scheduler()
-    batches = seeded_batches(cache, train.batch_size, train.gradient_accumulation_steps,
-                             train.seed, train.num_workers, accelerator, run.step)
+    batches = seeded_batches(
+        cache,
+        train.batch_size,
+        train.gradient_accumulation_steps,
+        train.seed,
+        train.num_workers,
+        accelerator,
+        run.step,
+    )
     for step in run.steps():
         for _ in range(train.gradient_accumulation_steps):
             batch = next(batches)
             latents = batch["latents"].to(accelerator.device, non_blocking=True) * scale
             noise = torch.randn_like(latents)
-            t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(latents),),
-                              device=latents.device)
+            t = torch.randint(
+                0, noise_schedule.config.num_train_timesteps, (len(latents),), device=latents.device
+            )
             noisy = noise_schedule.add_noise(latents, noise, t)
             labels = None
             if num_classes:  # label dropout trains the null class (classifier-free guidance)
@@ -243,17 +319,27 @@ def train_diffusion(config: DiffusionConfig, tokenizer_dir: str | Path, output_d
             continue
         ema.step(unet.parameters())
         if run.due(train.log_every):
-            run.log({"loss": loss.item(), "lr": lr_schedule.get_last_lr()[0],
-                     "ema_decay": ema.cur_decay_value or 0.0}, show=("loss",))
+            run.log(
+                {
+                    "loss": loss.item(),
+                    "lr": lr_schedule.get_last_lr()[0],
+                    "ema_decay": ema.cur_decay_value or 0.0,
+                },
+                show=("loss",),
+            )
         if accelerator.is_main_process and run.due(train.sample_every):
-            with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer,
-                               num_classes) as pipe:
-                _save_grid(pipe, train, num_classes,
-                           output_dir / "images" / f"step_{step + 1:08d}.png")
+            with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer, num_classes) as pipe:
+                _save_grid(
+                    pipe, train, num_classes, output_dir / "images" / f"step_{step + 1:08d}.png"
+                )
 
-    check_replicas_agree(accelerator, {
-        **{f"unet.{k}": v for k, v in accelerator.unwrap_model(unet).state_dict().items()},
-        **{f"ema.{i}": p for i, p in enumerate(ema.shadow_params)}})
+    check_replicas_agree(
+        accelerator,
+        {
+            **{f"unet.{k}": v for k, v in accelerator.unwrap_model(unet).state_dict().items()},
+            **{f"ema.{i}": p for i, p in enumerate(ema.shadow_params)},
+        },
+    )
     export = output_dir / "pipeline"
     if accelerator.is_main_process:
         with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer, num_classes) as pipe:
@@ -264,15 +350,17 @@ def train_diffusion(config: DiffusionConfig, tokenizer_dir: str | Path, output_d
     return export
 
 
-def describe_export(export: Path, config: dict, tokenizer_dir: Path,
-                    conditional: bool) -> None:
+def describe_export(export: Path, config: dict, tokenizer_dir: Path, conditional: bool) -> None:
     """Write the training configs of both stages into the pipeline folder
     (``training_config.yaml``, read by ``scripts/eval_fid.py`` for its defaults) and its model
     card."""
     tokenizer_config = tokenizer_dir.parent / "config.yaml"
-    configs = {"diffusion": config,
-               "tokenizer": (parse_yaml(tokenizer_config.read_text())
-                             if tokenizer_config.is_file() else None)}
+    configs = {
+        "diffusion": config,
+        "tokenizer": (
+            parse_yaml(tokenizer_config.read_text()) if tokenizer_config.is_file() else None
+        ),
+    }
     (export / TRAINING_CONFIG).write_text(yaml.safe_dump(configs, sort_keys=False))
     cls = ClassConditionalLatentDiffusionPipeline if conditional else LatentDiffusionPipeline
     write_model_card(export, cls.__name__, configs, conditional)
@@ -297,11 +385,19 @@ def _save_grid(pipe, train: DiffusionTrainConfig, num_classes: int, path: Path, 
     generator = torch.Generator(device=pipe.device).manual_seed(train.seed)
     if num_classes:
         labels = [i % num_classes for i in range(count)]
-        images = pipe(labels, guidance_scale=train.sample_guidance,
-                      num_inference_steps=train.sample_steps, generator=generator,
-                      output_type="pt").images
+        images = pipe(
+            labels,
+            guidance_scale=train.sample_guidance,
+            num_inference_steps=train.sample_steps,
+            generator=generator,
+            output_type="pt",
+        ).images
     else:
-        images = pipe(batch_size=count, num_inference_steps=train.sample_steps,
-                      generator=generator, output_type="pt").images
+        images = pipe(
+            batch_size=count,
+            num_inference_steps=train.sample_steps,
+            generator=generator,
+            output_type="pt",
+        ).images
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, path, nrow=int(count**0.5))

@@ -34,41 +34,73 @@ class UNetConfig:
 
     def __post_init__(self):
         check_types(self, "unet")
-        require(len(self.block_out_channels) >= 1 and min(self.block_out_channels) >= 1,
-                "unet.block_out_channels", self.block_out_channels, "positive channel counts")
-        require(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
-                "unet.block_out_channels", self.block_out_channels,
-                f"each must be divisible by unet.norm_num_groups={self.norm_num_groups}")
-        require(self.layers_per_block >= 1, "unet.layers_per_block", self.layers_per_block,
-                "must be >= 1")
-        require(self.num_classes >= 0, "unet.num_classes", self.num_classes,
-                "0 (unconditional) or the number of classes")
+        require(
+            len(self.block_out_channels) >= 1 and min(self.block_out_channels) >= 1,
+            "unet.block_out_channels",
+            self.block_out_channels,
+            "positive channel counts",
+        )
+        require(
+            all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+            "unet.block_out_channels",
+            self.block_out_channels,
+            f"each must be divisible by unet.norm_num_groups={self.norm_num_groups}",
+        )
+        require(
+            self.layers_per_block >= 1,
+            "unet.layers_per_block",
+            self.layers_per_block,
+            "must be >= 1",
+        )
+        require(
+            self.num_classes >= 0,
+            "unet.num_classes",
+            self.num_classes,
+            "0 (unconditional) or the number of classes",
+        )
         require(0 <= self.dropout < 1, "unet.dropout", self.dropout, "must be in [0, 1)")
 
 
 def build_unet(config: UNetConfig, latent_channels: int, latent_size: int) -> UNet2DModel:
     """A UNet2DModel for latents of ``latent_channels`` × ``latent_size``²."""
     levels = len(config.block_out_channels)
-    require(latent_size % 2 ** (levels - 1) == 0, "unet.block_out_channels",
-            config.block_out_channels, f"{levels} levels halve the {latent_size}² latents "
-            f"{levels - 1} times; use fewer levels")
+    require(
+        latent_size % 2 ** (levels - 1) == 0,
+        "unet.block_out_channels",
+        config.block_out_channels,
+        f"{levels} levels halve the {latent_size}² latents {levels - 1} times; use fewer levels",
+    )
     sides = [latent_size // 2**i for i in range(levels)]
-    down = ["AttnDownBlock2D" if s in config.attention_resolutions else "DownBlock2D"
-            for s in sides]
-    up = ["AttnUpBlock2D" if s in config.attention_resolutions else "UpBlock2D"
-          for s in reversed(sides)]
+    down = [
+        "AttnDownBlock2D" if s in config.attention_resolutions else "DownBlock2D" for s in sides
+    ]
+    up = [
+        "AttnUpBlock2D" if s in config.attention_resolutions else "UpBlock2D"
+        for s in reversed(sides)
+    ]
     return UNet2DModel(
-        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+        sample_size=latent_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         block_out_channels=tuple(config.block_out_channels),
-        layers_per_block=config.layers_per_block, down_block_types=tuple(down),
-        up_block_types=tuple(up), attention_head_dim=config.attention_head_dim,
-        norm_num_groups=config.norm_num_groups, dropout=config.dropout,
-        num_class_embeds=config.num_classes + 1 if config.num_classes else None)
+        layers_per_block=config.layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        attention_head_dim=config.attention_head_dim,
+        norm_num_groups=config.norm_num_groups,
+        dropout=config.dropout,
+        num_class_embeds=config.num_classes + 1 if config.num_classes else None,
+    )
 
 
 def training_scheduler() -> DDPMScheduler:
     """LDM's training schedule: DDPM, 1000 steps, "linear" 0.0015 → 0.0195 in √β (diffusers'
     ``scaled_linear``), epsilon prediction."""
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
-                         beta_schedule="scaled_linear", prediction_type="epsilon",
-                         clip_sample=False)
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.0015,
+        beta_end=0.0195,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )

@@ -64,8 +64,7 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     """Checkpoints in ``directory`` with a marker, oldest first (not yet verified)."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir()
-             if _NAME.match(p.name) and (p / MARKER).is_file()]
+    found = [p for p in directory.iterdir() if _NAME.match(p.name) and (p / MARKER).is_file()]
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
@@ -80,36 +79,43 @@ def resolve_resume(resume: str | None, directory: Path) -> Path | None:
             problem = _damage(path)
             if problem is None:
                 return path
-            warnings.warn(f"checkpoint {path} is damaged: {problem}; trying the previous one",
-                          stacklevel=2)
+            warnings.warn(
+                f"checkpoint {path} is damaged: {problem}; trying the previous one", stacklevel=2
+            )
         return None
     path = Path(resume)
     if not (path / MARKER).is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder (no "
-                                f"{MARKER}); use --resume latest or one of "
-                                f"{[p.name for p in complete_checkpoints(directory)]}")
+        raise FileNotFoundError(
+            f"--resume {resume}: not a complete checkpoint folder (no "
+            f"{MARKER}); use --resume latest or one of "
+            f"{[p.name for p in complete_checkpoints(directory)]}"
+        )
     problem = _damage(path)
     if problem:
-        raise CheckpointError(f"--resume {resume}: damaged checkpoint, {problem}; use "
-                              "--resume latest to take the newest sound one")
+        raise CheckpointError(
+            f"--resume {resume}: damaged checkpoint, {problem}; use "
+            "--resume latest to take the newest sound one"
+        )
     return path
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, states: dict[str, Any]) -> None:
     """Load a checkpoint written by ``save_checkpoint`` (all processes)."""
     if list(path.glob("custom_checkpoint_*.pkl")):
-        raise CheckpointError(f"{path} was written by an older version that pickled its step "
-                              "counter; pickles are never loaded. Start a fresh run.")
+        raise CheckpointError(
+            f"{path} was written by an older version that pickled its step "
+            "counter; pickles are never loaded. Start a fresh run."
+        )
     accelerator.load_state(str(path))  # models: safetensors; the rest: weights_only=True
     for name, obj in states.items():
-        obj.load_state_dict(torch.load(path / f"{name}.pt", map_location="cpu",
-                                       weights_only=True))
+        obj.load_state_dict(torch.load(path / f"{name}.pt", map_location="cpu", weights_only=True))
         if hasattr(obj, "to"):  # the EMA's shadow weights go back where the model is
             obj.to(accelerator.device)
 
 
-def _fail_together(accelerator: Accelerator, error: OSError | None, partial: Path,
-                   directory: Path, step: int) -> None:
+def _fail_together(
+    accelerator: Accelerator, error: OSError | None, partial: Path, directory: Path, step: int
+) -> None:
     """Every process must learn of a failure on any, or the next collective would hang: all
     raise ``CheckpointError`` and the half-written folder goes."""
     if any_process(accelerator, error is not None):
@@ -118,8 +124,13 @@ def _fail_together(accelerator: Accelerator, error: OSError | None, partial: Pat
         raise CheckpointError(_write_error(directory, step, error))
 
 
-def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep: int,
-                    states: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator,
+    directory: Path,
+    step: int,
+    keep: int,
+    states: dict[str, Any] | None = None,
+) -> Path:
     """Save the full training state plus ``states`` (objects with ``state_dict``, identical on
     every process) and keep the newest ``keep`` checkpoints; all processes must call this. A
     failed write (disk full, unwritable folder) removes the ``.partial`` folder, leaves the
@@ -161,13 +172,21 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep: 
 
 
 def _write_error(directory: Path, step: int, error: OSError | None) -> str:
-    cause = (f"{error.strerror or error} ({getattr(error, 'filename', None) or directory})"
-             if error is not None else "it failed on another process")
+    cause = (
+        f"{error.strerror or error} ({getattr(error, 'filename', None) or directory})"
+        if error is not None
+        else "it failed on another process"
+    )
     previous = complete_checkpoints(directory)
-    kept = (f"the previous checkpoint {previous[-1]} is intact" if previous
-            else "no earlier checkpoint exists")
-    return (f"could not write the step {step} checkpoint in {directory}: {cause}; {kept}. "
-            "Free disk space or choose a writable --output-dir, then use --resume latest.")
+    kept = (
+        f"the previous checkpoint {previous[-1]} is intact"
+        if previous
+        else "no earlier checkpoint exists"
+    )
+    return (
+        f"could not write the step {step} checkpoint in {directory}: {cause}; {kept}. "
+        "Free disk space or choose a writable --output-dir, then use --resume latest."
+    )
 
 
 def _pause_for_tests() -> None:

@@ -8,11 +8,11 @@ import json
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import yaml
-
 
 C = TypeVar("C")
 
@@ -29,9 +29,11 @@ class _Yaml12Loader(yaml.SafeLoader):
 _BOOL = "tag:yaml.org,2002:bool"
 _Yaml12Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                    list("tTfF"))
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def parse_yaml(text: str):
@@ -45,8 +47,9 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     data = parse_yaml(path.read_text()) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got "
-                          f"{type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 
@@ -120,8 +123,9 @@ def check_section(section: str, given: Any, hints: dict[str, Any]) -> dict:
         if key not in hints:
             raise ConfigError(f"unknown key {section}.{key}; allowed keys: {sorted(hints)}")
         if not _matches(value, hints[key]):
-            raise ConfigError(f"{section}.{key} = {value!r} has the wrong type; expected "
-                              f"{_describe(hints[key])}")
+            raise ConfigError(
+                f"{section}.{key} = {value!r} has the wrong type; expected {_describe(hints[key])}"
+            )
     return given
 
 
@@ -149,9 +153,12 @@ def from_mapping(cls: type[C], given: Any, section: str = "") -> C:
     if unknown:
         raise ConfigError(f"unknown key {section}.{unknown[0]}; allowed keys: {sorted(hints)}")
     if not section:
-        given = {name: from_mapping(hint, given.get(name), name)
-                 if dataclasses.is_dataclass(hint) else dict(given.get(name) or {})
-                 for name, hint in hints.items()}
+        given = {
+            name: from_mapping(hint, given.get(name), name)
+            if dataclasses.is_dataclass(hint)
+            else dict(given.get(name) or {})
+            for name, hint in hints.items()
+        }
     try:
         return cls(**given)
     except ConfigError:
@@ -173,8 +180,9 @@ def check_types(config: Any, section: str) -> None:
             except ValueError:
                 pass
         if not _matches(value, hint):
-            raise ConfigError(f"{section}.{name} = {value!r} has the wrong type; expected "
-                              f"{_describe(hint)}")
+            raise ConfigError(
+                f"{section}.{name} = {value!r} has the wrong type; expected {_describe(hint)}"
+            )
 
 
 def to_mapping(config: Any) -> dict:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,8 +22,10 @@ from .config import check_types, from_mapping, require
 from .manifest import Manifest, open_manifest
 
 PARTS = ("train", "validation")
-ACCEPTED = ("source accepts 'digits', a local image folder, a .parquet / .arrow file, a datasets "
-            "save_to_disk directory, 'lsun:/path/to/lmdb' or a Hugging Face hub dataset name")
+ACCEPTED = (
+    "source accepts 'digits', a local image folder, a .parquet / .arrow file, a datasets "
+    "save_to_disk directory, 'lsun:/path/to/lmdb' or a Hugging Face hub dataset name"
+)
 
 
 def digits(resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,10 +34,14 @@ def digits(resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     digits = sklearn_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = F.interpolate(images, size=(resolution, resolution), mode="bilinear",
-                           align_corners=False).clamp(0, 1) * 2 - 1
+    images = (
+        F.interpolate(
+            images, size=(resolution, resolution), mode="bilinear", align_corners=False
+        ).clamp(0, 1)
+        * 2
+        - 1
+    )
     return images, torch.tensor(digits.target, dtype=torch.long)
-
 
 
 @dataclass
@@ -80,8 +86,12 @@ class DataConfig:
         require(self.resolution >= 1, "data.resolution", self.resolution, "an integer >= 1")
         require(self.channels in (1, 3), "data.channels", self.channels, "1 or 3")
         require(self.crop in ("center", "random"), "data.crop", self.crop, "'center' or 'random'")
-        require((isinstance(size, int) and size >= 1) or (isinstance(size, float) and 0 < size < 1),
-                "data.validation_size", size, "a fraction 0 < x < 1 or an integer count >= 1")
+        require(
+            (isinstance(size, int) and size >= 1) or (isinstance(size, float) and 0 < size < 1),
+            "data.validation_size",
+            size,
+            "a fraction 0 < x < 1 or an integer count >= 1",
+        )
 
 
 class UnreadableImageError(ValueError):
@@ -92,10 +102,14 @@ def check_source_exists(config: DataConfig) -> None:
     """Raise a ConfigError, before anything is built, if ``data.source`` names a local path
     (absolute, ``./``, ``~``, ``lsun:PATH``, a .parquet / .arrow file) that does not exist."""
     source = config.source
-    path = os.path.expanduser(source[len("lsun:"):] if source.startswith("lsun:") else source)
+    path = os.path.expanduser(source[len("lsun:") :] if source.startswith("lsun:") else source)
     local = source.startswith(("lsun:", "/", ".", "~")) or path.endswith((".parquet", ".arrow"))
-    require(not local or os.path.exists(path), "data.source", source,
-            f"no such file or folder; {ACCEPTED}")
+    require(
+        not local or os.path.exists(path),
+        "data.source",
+        source,
+        f"no such file or folder; {ACCEPTED}",
+    )
 
 
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
@@ -120,8 +134,15 @@ def _transform(config: DataConfig, train: bool, tensors: bool) -> Callable:
         return T.Compose(flip)
     crop = T.RandomCrop(size) if config.crop == "random" and train else T.CenterCrop(size)
     half = [0.5] * config.channels
-    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                      crop, *flip, T.ToTensor(), T.Normalize(half, half)])
+    return T.Compose(
+        [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            crop,
+            *flip,
+            T.ToTensor(),
+            T.Normalize(half, half),
+        ]
+    )
 
 
 class ImageDataset(Dataset):
@@ -129,8 +150,9 @@ class ImageDataset(Dataset):
     int64 scalar}``. ``indices`` (a sorted int64 array) are the part's items in the source;
     ``skipped`` names the unreadable images found while decoding (in this process)."""
 
-    def __init__(self, reader: _Reader, indices: np.ndarray, transform: Callable, channels: int,
-                 strict: bool) -> None:
+    def __init__(
+        self, reader: _Reader, indices: np.ndarray, transform: Callable, channels: int, strict: bool
+    ) -> None:
         self.reader, self.indices, self.transform = reader, indices, transform
         self.channels, self.strict = channels, strict
         self.skipped: list[str] = []
@@ -151,15 +173,19 @@ class ImageDataset(Dataset):
             except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"
                 name = self.reader.name(j)
                 if self.strict:
-                    raise UnreadableImageError(f"unreadable image {name} ({err}); remove the "
-                                               "file or set strict: false to skip unreadable "
-                                               "images") from err
+                    raise UnreadableImageError(
+                        f"unreadable image {name} ({err}); remove the "
+                        "file or set strict: false to skip unreadable "
+                        "images"
+                    ) from err
                 warnings.warn(f"skipping unreadable image {name} ({err})", stacklevel=2)
                 self._bad.add(j)
                 self.skipped.append(name)
                 continue
-            return {"pixel_values": self.transform(image),
-                    "label": torch.tensor(label, dtype=torch.long)}
+            return {
+                "pixel_values": self.transform(image),
+                "label": torch.tensor(label, dtype=torch.long),
+            }
         raise RuntimeError("no readable image left in this dataset")
 
 
@@ -190,8 +216,11 @@ class _Listed(_Reader):
 
     def __init__(self, manifest: Manifest, split: str) -> None:
         rows = manifest.rows(split)
-        self.manifest, self.start, self.count = manifest, manifest.meta["splits"][split][0], \
-            len(rows)
+        self.manifest, self.start, self.count = (
+            manifest,
+            manifest.meta["splits"][split][0],
+            len(rows),
+        )
         self.root = manifest.meta["source"]
 
     def __len__(self) -> int:
@@ -199,8 +228,9 @@ class _Listed(_Reader):
 
     def _row(self, i: int) -> tuple[Any, int]:
         table = self.manifest.table
-        return table.column("name")[self.start + i].as_py(), \
-            table.column("label")[self.start + i].as_py()
+        return table.column("name")[self.start + i].as_py(), table.column("label")[
+            self.start + i
+        ].as_py()
 
 
 class _Folder(_Listed):
@@ -221,15 +251,21 @@ class _Table(_Reader):
 
     def __init__(self, table: Any, source: str, config: DataConfig) -> None:
         self.image_column, self.label_column = config.image_column, config.label_column
-        for key, column in (("image_column", self.image_column),
-                            ("label_column", self.label_column)):
+        for key, column in (
+            ("image_column", self.image_column),
+            ("label_column", self.label_column),
+        ):
             if column is not None and column not in table.column_names:
-                raise ValueError(f"data config {key}={column!r} is not a column of {source}; "
-                                 f"its columns are {table.column_names}")
+                raise ValueError(
+                    f"data config {key}={column!r} is not a column of {source}; "
+                    f"its columns are {table.column_names}"
+                )
         feature = table.features.get(self.label_column)  # None when there are no labels
         if not str(getattr(feature, "dtype", "int")).startswith(("int", "uint")):
-            raise ValueError(f"data config label_column={self.label_column!r} must hold integer "
-                             f"labels, not {feature}")
+            raise ValueError(
+                f"data config label_column={self.label_column!r} must hold integer "
+                f"labels, not {feature}"
+            )
         self.table = table.select_columns([c for c in (self.image_column, self.label_column) if c])
         self.source = source
 
@@ -260,8 +296,15 @@ def _lmdb_env(path: str) -> Any:
         if env is not None:
             env.close()
         import lmdb
-        env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False,
-                        subdir=os.path.isdir(path))
+
+        env = lmdb.open(
+            path,
+            readonly=True,
+            lock=False,
+            readahead=False,
+            meminit=False,
+            subdir=os.path.isdir(path),
+        )
         _LMDB_ENVS[path] = (os.getpid(), env)
     return env
 
@@ -295,14 +338,17 @@ def _reader(config: DataConfig) -> _Reader:
     if source == "digits":
         return _Digits(config)
     if source.startswith("lsun:"):
-        return _lmdb_reader(os.path.expanduser(source[len("lsun:"):]), config)
+        return _lmdb_reader(os.path.expanduser(source[len("lsun:") :]), config)
     if os.path.isfile(path):
         if not path.endswith((".parquet", ".arrow")):
-            raise ValueError(f"data source {source!r} is a file but not .parquet / .arrow; "
-                             f"{ACCEPTED}")
+            raise ValueError(
+                f"data source {source!r} is a file but not .parquet / .arrow; {ACCEPTED}"
+            )
         import datasets
-        read = datasets.Dataset.from_file if path.endswith(".arrow") else \
-            datasets.Dataset.from_parquet
+
+        read = (
+            datasets.Dataset.from_file if path.endswith(".arrow") else datasets.Dataset.from_parquet
+        )
         return _Table(read(path), source, config)
     saved = any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
     if os.path.isdir(path) and not saved:
@@ -315,16 +361,20 @@ def _reader(config: DataConfig) -> _Reader:
         table = datasets.load_from_disk(path)
         if isinstance(table, datasets.DatasetDict):
             if config.split not in table:
-                raise ValueError(f"data config split={config.split!r} is not in {source}; "
-                                 f"its splits are {list(table)}")
+                raise ValueError(
+                    f"data config split={config.split!r} is not in {source}; "
+                    f"its splits are {list(table)}"
+                )
             table = table[config.split]
         return _Table(table, source, config)
     try:
         table = datasets.load_dataset(source, split=config.split)
     except Exception as err:  # noqa: BLE001 - offline, unknown name, missing split, ...
-        raise ValueError(f"the dataset {source!r} (split {config.split!r}) is no local path and "
-                         f"could not be loaded from the Hugging Face hub ({err}); without network "
-                         f"access set source to a local path: {ACCEPTED}") from err
+        raise ValueError(
+            f"the dataset {source!r} (split {config.split!r}) is no local path and "
+            f"could not be loaded from the Hugging Face hub ({err}); without network "
+            f"access set source to a local path: {ACCEPTED}"
+        ) from err
     return _Table(table, source, config)
 
 
@@ -334,10 +384,12 @@ def split_indices(count: int, config: DataConfig, part: str) -> np.ndarray:
     size = config.validation_size
     held = size if isinstance(size, int) else max(1, round(size * count))
     if held >= count:
-        raise ValueError(f"data config validation_size={size!r} leaves no training images "
-                         f"({count} images in all); use a smaller fraction or count")
+        raise ValueError(
+            f"data config validation_size={size!r} leaves no training images "
+            f"({count} images in all); use a smaller fraction or count"
+        )
     order = np.random.RandomState(config.seed).permutation(count)  # frozen stream
-    return np.sort(order[:count - held] if part == "train" else order[count - held:])
+    return np.sort(order[: count - held] if part == "train" else order[count - held :])
 
 
 def build_dataset(config: DataConfig | Mapping[str, Any], part: str = "train") -> ImageDataset:
@@ -352,5 +404,6 @@ def build_dataset(config: DataConfig | Mapping[str, Any], part: str = "train") -
     if len(reader) == 0:
         raise ValueError(f"data source {config.source!r} holds no readable images")
     transform = _transform(config, part == "train", tensors=isinstance(reader, _Digits))
-    return ImageDataset(reader, split_indices(len(reader), config, part), transform,
-                        config.channels, config.strict)
+    return ImageDataset(
+        reader, split_indices(len(reader), config, part), transform, config.channels, config.strict
+    )

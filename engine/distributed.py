@@ -5,7 +5,8 @@ weights."""
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
@@ -61,6 +62,8 @@ def check_replicas_agree(accelerator: Accelerator, tensors: dict[str, torch.Tens
     every = accelerator.gather(mine.unsqueeze(0))
     differ = [n for n, column in zip(names, every.T) if len(set(column.tolist())) > 1]
     if differ:
-        raise RuntimeError(f"processes ended with different {differ[:5]} ({len(differ)} "
-                           "tensors); please report this with your config")
+        raise RuntimeError(
+            f"processes ended with different {differ[:5]} ({len(differ)} "
+            "tensors); please report this with your config"
+        )
     accelerator.print(f"weights identical on all {accelerator.num_processes} processes")

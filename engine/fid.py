@@ -18,8 +18,9 @@ import torch
 from .weights import cached_weights
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 + INCEPTION_FILE)
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
+)
 
 
 def find_inception_weights(path: str | os.PathLike | None = None, skip_hint: str = "") -> Path:
@@ -27,12 +28,16 @@ def find_inception_weights(path: str | os.PathLike | None = None, skip_hint: str
     if possible). Raises a ``FileNotFoundError`` that says which file to put where (and
     ``skip_hint``, how to do without, e.g. " (or skip rFID with --no-fid)")."""
     if path is None:
-        return cached_weights(INCEPTION_URL, "FID (torch-fidelity's Inception v3)",
-                              f"or pass its path with --inception-weights PATH{skip_hint}")
+        return cached_weights(
+            INCEPTION_URL,
+            "FID (torch-fidelity's Inception v3)",
+            f"or pass its path with --inception-weights PATH{skip_hint}",
+        )
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"--inception-weights {path}: no such file. It must be torch-fidelity's "
-            f"{INCEPTION_FILE} ({INCEPTION_URL}){skip_hint}.")
+            f"{INCEPTION_FILE} ({INCEPTION_URL}){skip_hint}."
+        )
     return Path(path)
 
 
@@ -41,13 +46,17 @@ def _state_dict_source(state_dict: dict):
     # torch-fidelity would unpickle a user-given file with weights_only=False; we load it safely
     # ourselves and hand the tensors over in place of its download.
     import torch_fidelity.feature_extractor_inceptionv3 as fe
+
     with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: state_dict):
         yield fe.FeatureExtractorInceptionV3
 
 
-def load_inception(weights: str | os.PathLike | None = None,
-                   device: torch.device | str = "cpu", logits: bool = False,
-                   skip_hint: str = "") -> torch.nn.Module:
+def load_inception(
+    weights: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    logits: bool = False,
+    skip_hint: str = "",
+) -> torch.nn.Module:
     """The Inception feature extractor: 2048-d pool features, plus the 1008 "logits_unbiased"
     the Inception Score needs if ``logits``."""
     path = find_inception_weights(weights, skip_hint)
@@ -75,17 +84,28 @@ def inception_features(model: torch.nn.Module, images: torch.Tensor) -> dict[str
     return {name: out.float().cpu() for name, out in zip(model.features_list, outputs)}
 
 
-def frechet_distance(features_a: torch.Tensor | np.ndarray,
-                     features_b: torch.Tensor | np.ndarray) -> float:
+def frechet_distance(
+    features_a: torch.Tensor | np.ndarray, features_b: torch.Tensor | np.ndarray
+) -> float:
     """FID between two feature sets (N×D each), via torch-fidelity's statistics."""
-    from torch_fidelity.metric_fid import (KEY_METRIC_FID, fid_features_to_statistics,
-                                           fid_statistics_to_metric)
-    stats = [fid_features_to_statistics(torch.as_tensor(f).double()) for f in (features_a, features_b)]
+    from torch_fidelity.metric_fid import (
+        KEY_METRIC_FID,
+        fid_features_to_statistics,
+        fid_statistics_to_metric,
+    )
+
+    stats = [
+        fid_features_to_statistics(torch.as_tensor(f).double()) for f in (features_a, features_b)
+    ]
     return float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
 
 
-def class_averaged_fid(features_a: torch.Tensor, labels_a: torch.Tensor,
-                       features_b: torch.Tensor, labels_b: torch.Tensor) -> dict:
+def class_averaged_fid(
+    features_a: torch.Tensor,
+    labels_a: torch.Tensor,
+    features_b: torch.Tensor,
+    labels_b: torch.Tensor,
+) -> dict:
     """FID of each class (the images of class c in both sets) and their mean, as LooC reports
     ImageNet (Tab. 11). Classes with fewer than two images in either set are left out."""
     per_class = {}
@@ -94,15 +114,25 @@ def class_averaged_fid(features_a: torch.Tensor, labels_a: torch.Tensor,
         if c >= 0 and len(a) >= 2 and len(b) >= 2:
             per_class[int(c)] = frechet_distance(a, b)
     if not per_class:
-        raise ValueError("per-class FID needs labelled reference images and at least two images "
-                         "of a class in both sets")
-    return {"class_averaged_fid": float(np.mean(list(per_class.values()))),
-            "per_class_fid": per_class}
+        raise ValueError(
+            "per-class FID needs labelled reference images and at least two images "
+            "of a class in both sets"
+        )
+    return {
+        "class_averaged_fid": float(np.mean(list(per_class.values()))),
+        "per_class_fid": per_class,
+    }
 
 
-def fidelity_metrics(generated: dict[str, torch.Tensor], reference: torch.Tensor, *,
-                     kid: bool = False, isc: bool = False, prc: bool = False,
-                     seed: int = 2020) -> dict:
+def fidelity_metrics(
+    generated: dict[str, torch.Tensor],
+    reference: torch.Tensor,
+    *,
+    kid: bool = False,
+    isc: bool = False,
+    prc: bool = False,
+    seed: int = 2020,
+) -> dict:
     """FID of the generated "2048" features against the reference's, and, if asked, KID (100
     subsets of min(1000, N) images), the Inception Score (10 splits of the "logits_unbiased"),
     and precision/recall (k = 3). Precision/recall use the Inception pool features, as ADM's
@@ -110,12 +140,16 @@ def fidelity_metrics(generated: dict[str, torch.Tensor], reference: torch.Tensor
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
+
     fake = generated["2048"]
     report = {"fid": frechet_distance(fake, reference)}
     if kid:
         size = min(1000, len(fake), len(reference))
-        report.update(kid_features_to_metric(fake, reference, kid_subset_size=size,
-                                             rng_seed=seed, verbose=False))
+        report.update(
+            kid_features_to_metric(
+                fake, reference, kid_subset_size=size, rng_seed=seed, verbose=False
+            )
+        )
         report["kid_subset_size"] = size
     if isc:
         if "logits_unbiased" not in generated:

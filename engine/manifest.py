@@ -38,14 +38,30 @@ import numpy as np
 
 FORMAT = 1
 CACHE_ENV = "NEVERCOLLAPSE_DATA_CACHE"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
-                    ".pgm", ".pbm")
-SPLIT_KEYWORDS = {"train": ("train", "training"),
-                  "validation": ("validation", "valid", "dev", "val"),
-                  "test": ("test", "testing", "eval", "evaluation")}
+IMAGE_EXTENSIONS = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".webp",
+    ".tif",
+    ".tiff",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+)
+SPLIT_KEYWORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
 _SEPARATORS = r"[-._ 0-9]"
-_SPLIT_NAMES = [(split, re.compile(rf"(?:.*{_SEPARATORS})?{word}(?:{_SEPARATORS}.*)?"))
-                for split, words in SPLIT_KEYWORDS.items() for word in words]
+_SPLIT_NAMES = [
+    (split, re.compile(rf"(?:.*{_SEPARATORS})?{word}(?:{_SEPARATORS}.*)?"))
+    for split, words in SPLIT_KEYWORDS.items()
+    for word in words
+]
 _BATCH = 100_000  # rows per Arrow record batch while writing
 
 
@@ -86,8 +102,10 @@ class Manifest:
 
     def rows(self, split: str):
         if split not in self.meta["splits"]:
-            raise ValueError(f"data config split={split!r} is not in {self.meta['source']}; its "
-                             f"splits are {self.splits}")
+            raise ValueError(
+                f"data config split={split!r} is not in {self.meta['source']}; its "
+                f"splits are {self.splits}"
+            )
         start, stop = self.meta["splits"][split]
         return self.table.slice(start, stop - start)
 
@@ -116,22 +134,26 @@ def _write(path: Path, batches, meta: dict[str, Any]) -> None:
     """Write record batches of (name, label) and ``meta`` as an Arrow IPC file, atomically."""
     import pyarrow as pa
 
-    schema = pa.schema([("name", pa.string() if meta["kind"] == "folder" else pa.binary()),
-                        ("label", pa.int32())],
-                       metadata={"nevercollapse": json.dumps(meta)})
+    schema = pa.schema(
+        [("name", pa.string() if meta["kind"] == "folder" else pa.binary()), ("label", pa.int32())],
+        metadata={"nevercollapse": json.dumps(meta)},
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.partial-{uuid.uuid4().hex}")  # unique across nodes
     with pa.OSFile(str(partial), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for names, labels in batches:
-            writer.write_batch(pa.record_batch(
-                [pa.array(names, schema.field("name").type), pa.array(labels, pa.int32())],
-                schema=schema))
+            writer.write_batch(
+                pa.record_batch(
+                    [pa.array(names, schema.field("name").type), pa.array(labels, pa.int32())],
+                    schema=schema,
+                )
+            )
     os.replace(partial, path)  # a killed scan never leaves a half manifest under the real name
 
 
 def _batched(names: list, labels: np.ndarray):
     for start in range(0, len(names), _BATCH):
-        yield names[start:start + _BATCH], labels[start:start + _BATCH]
+        yield names[start : start + _BATCH], labels[start : start + _BATCH]
 
 
 def _list_folder(root: str) -> tuple[list[str], dict[str, int]]:
@@ -178,8 +200,14 @@ def _scan_folder(root: str, path: Path) -> None:
         if count:
             ranges[split] = [start, start + count]
             start += count
-    meta = {"format": FORMAT, "kind": "folder", "source": root, "splits": ranges,
-            "classes": classes, "stamps": stamps}
+    meta = {
+        "format": FORMAT,
+        "kind": "folder",
+        "source": root,
+        "splits": ranges,
+        "classes": classes,
+        "stamps": stamps,
+    }
     _write(path, _batched([f for _, f in kept], labels), meta)
 
 
@@ -200,13 +228,20 @@ def _scan_lmdb(root: str, path: Path, env: Any) -> None:
             yield names, np.full(len(names), -1, dtype=np.int32)
 
     count = env.stat()["entries"]
-    meta = {"format": FORMAT, "kind": "lmdb", "source": root, "splits": {"train": [0, count]},
-            "classes": [], "stamps": _lmdb_stamps(root)}
+    meta = {
+        "format": FORMAT,
+        "kind": "lmdb",
+        "source": root,
+        "splits": {"train": [0, count]},
+        "classes": [],
+        "stamps": _lmdb_stamps(root),
+    }
     _write(path, batches(), meta)
 
 
-def open_manifest(source: str, kind: str, cache_dir: str | os.PathLike | None = None,
-                  lmdb_env: Any = None) -> Manifest:
+def open_manifest(
+    source: str, kind: str, cache_dir: str | os.PathLike | None = None, lmdb_env: Any = None
+) -> Manifest:
     """The manifest of the folder (``kind="folder"``) or LMDB (``"lmdb"``, with its open
     environment) at ``source``: the current one from the cache, else scanned now (and
     written there for every later reader). Call it from one process first (accelerate's
@@ -230,6 +265,9 @@ def open_manifest(source: str, kind: str, cache_dir: str | os.PathLike | None = 
     else:
         _scan_folder(source, path)
     manifest = Manifest(path)
-    print(f"data: {len(manifest.table):,} images listed in {time.perf_counter() - start:.1f} s",
-          file=sys.stderr, flush=True)
+    print(
+        f"data: {len(manifest.table):,} images listed in {time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return manifest

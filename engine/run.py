@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import yaml
@@ -32,35 +33,53 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .checkpoints import (CheckpointError, checkpoint_step, load_checkpoint, resolve_resume,
-                          save_checkpoint)
+from .checkpoints import (
+    CheckpointError,
+    checkpoint_step,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from .config import ConfigError
 from .data import UnreadableImageError
 from .distributed import any_process, mean_over_processes
 
 
-def seeded_batches(dataset: Dataset, batch_size: int, accumulation: int, seed: int,
-                   num_workers: int, accelerator: Accelerator, start_step: int = 0):
+def seeded_batches(
+    dataset: Dataset,
+    batch_size: int,
+    accumulation: int,
+    seed: int,
+    num_workers: int,
+    accelerator: Accelerator,
+    start_step: int = 0,
+):
     """Endless per-process micro-batches in a seeded per-epoch order (each process takes every
     N-th sample of a global batch); starting at ``start_step`` skips exactly the micro-batches
     already consumed, without loading them, so a resumed run sees the same data."""
     per_step = batch_size * accelerator.num_processes
     per_epoch = len(dataset) // per_step
     if per_epoch == 0:
-        raise ConfigError(f"train.batch_size={batch_size} × {accelerator.num_processes} "
-                          f"processes is larger than the {len(dataset)} training items")
+        raise ConfigError(
+            f"train.batch_size={batch_size} × {accelerator.num_processes} "
+            f"processes is larger than the {len(dataset)} training items"
+        )
     epoch, skip = divmod(start_step * accumulation, per_epoch)
     while True:
         # a private generator: creating a loader must not consume the global RNG stream
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         order = torch.randperm(len(dataset), generator=generator)[: per_epoch * per_step]
-        mine = order.view(per_epoch, per_step)[skip:, accelerator.process_index::
-                                                    accelerator.num_processes]
+        mine = order.view(per_epoch, per_step)[
+            skip:, accelerator.process_index :: accelerator.num_processes
+        ]
         # batches are made as the loader asks for them: no Python list of the epoch's indices
-        loader = DataLoader(dataset, batch_sampler=(b.tolist() for b in
-                                                    mine.reshape(-1, batch_size)),
-                            num_workers=num_workers, generator=generator,
-                            pin_memory=accelerator.device.type == "cuda")
+        loader = DataLoader(
+            dataset,
+            batch_sampler=(b.tolist() for b in mine.reshape(-1, batch_size)),
+            num_workers=num_workers,
+            generator=generator,
+            pin_memory=accelerator.device.type == "cuda",
+        )
         yield from loader
         epoch, skip = epoch + 1, 0
 
@@ -70,19 +89,26 @@ def check_precision(accelerator: Accelerator) -> None:
     runs on CPUs and on GPUs that have it."""
     device, precision = accelerator.device.type, accelerator.mixed_precision
     if precision == "fp16" and device != "cuda":
-        raise ConfigError(f"train.mixed_precision = 'fp16' needs a CUDA device (this run is on "
-                          f"{device}); choose bf16, which CPUs have, or no")
+        raise ConfigError(
+            f"train.mixed_precision = 'fp16' needs a CUDA device (this run is on "
+            f"{device}); choose bf16, which CPUs have, or no"
+        )
     if precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.mixed_precision = 'bf16' is not supported by this GPU; choose "
-                          "fp16 or no")
+        raise ConfigError(
+            "train.mixed_precision = 'bf16' is not supported by this GPU; choose fp16 or no"
+        )
 
 
 class NonFiniteGuard:
     """Counts non-finite steps in a row; ``limit`` of them stop the run with advice."""
 
     def __init__(self, limit: int, checkpoints: Path, accelerator: Accelerator):
-        self.limit, self.checkpoints, self.accelerator, self.count = limit, checkpoints, \
-            accelerator, 0
+        self.limit, self.checkpoints, self.accelerator, self.count = (
+            limit,
+            checkpoints,
+            accelerator,
+            0,
+        )
 
     def update(self, finite: bool, step: int) -> bool:
         """Record the step's outcome; returns whether it counts (False: it was skipped)."""
@@ -90,13 +116,15 @@ class NonFiniteGuard:
             self.count = 0
             return True
         self.count += 1
-        self.accelerator.print(f"step {step}: non-finite loss, step skipped "
-                               f"({self.count} in a row)")
+        self.accelerator.print(
+            f"step {step}: non-finite loss, step skipped ({self.count} in a row)"
+        )
         if self.count >= self.limit:
             raise FloatingPointError(
                 f"{self.count} non-finite losses in a row at step {step}; the last good "
                 f"checkpoint is in {self.checkpoints}. Try a lower train.learning_rate, "
-                "train.mixed_precision: bf16 instead of fp16, or fp32 (\"no\").")
+                'train.mixed_precision: bf16 instead of fp16, or fp32 ("no").'
+            )
         return False
 
 
@@ -133,10 +161,20 @@ class Run:
     every ``checkpoint_every`` steps and at the end (the last ``keep_checkpoints`` kept);
     ``max_nonfinite_steps`` skipped steps in a row stop the run."""
 
-    def __init__(self, accelerator: Accelerator, output_dir: str | Path, config: dict,
-                 states: dict[str, Any], *, resume: str | None, max_steps: int,
-                 checkpoint_every: int, keep_checkpoints: int, max_nonfinite_steps: int,
-                 name: str):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        output_dir: str | Path,
+        config: dict,
+        states: dict[str, Any],
+        *,
+        resume: str | None,
+        max_steps: int,
+        checkpoint_every: int,
+        keep_checkpoints: int,
+        max_nonfinite_steps: int,
+        name: str,
+    ):
         self.accelerator, self.max_steps, self.name = accelerator, max_steps, name
         self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
         self.output_dir = Path(output_dir)
@@ -149,8 +187,9 @@ class Run:
             load_checkpoint(accelerator, start, self.states)
             accelerator.print(f"resumed from {start} at step {checkpoint_step(start)}")
         elif resume:
-            accelerator.print(f"--resume {resume}: no checkpoint in {self.checkpoints}, "
-                              "starting fresh")
+            accelerator.print(
+                f"--resume {resume}: no checkpoint in {self.checkpoints}, starting fresh"
+            )
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -168,15 +207,21 @@ class Run:
         and checkpointed when due. Before each step every process learns whether any got
         SIGTERM: then all save a checkpoint together and :class:`Preempted` is raised."""
         stop, saved = StopRequest(self.accelerator), None
-        self.bar = tqdm(total=self.max_steps, initial=self.step, desc=self.name,
-                        disable=not self.accelerator.is_local_main_process)
+        self.bar = tqdm(
+            total=self.max_steps,
+            initial=self.step,
+            desc=self.name,
+            disable=not self.accelerator.is_local_main_process,
+        )
         try:
             while self.step < self.max_steps:
                 if stop.requested():
                     where = None if saved == self.step else self.save()
-                    raise Preempted(f"stopped by SIGTERM at step {self.step}"
-                                    + (f"; checkpoint saved in {where}" if where else "")
-                                    + "; continue with --resume latest")
+                    raise Preempted(
+                        f"stopped by SIGTERM at step {self.step}"
+                        + (f"; checkpoint saved in {where}" if where else "")
+                        + "; continue with --resume latest"
+                    )
                 self.skipped = False
                 yield self.step
                 if not self.guard.update(not self.skipped, self.step):
@@ -216,14 +261,20 @@ class Run:
 
     def save(self) -> Path:
         """A checkpoint of the steps done, written by every process together."""
-        return save_checkpoint(self.accelerator, self.checkpoints, self.step,
-                               self.keep_checkpoints, self.states)
+        return save_checkpoint(
+            self.accelerator, self.checkpoints, self.step, self.keep_checkpoints, self.states
+        )
 
 
 # what the training scripts report in one line instead of a traceback
-RUN_ERRORS = (ConfigError, FileNotFoundError, ImportError,  # config; missing weights, data, extras
-              CheckpointError, FloatingPointError,  # disk full; losses diverged
-              UnreadableImageError)  # data.strict: true
+RUN_ERRORS = (
+    ConfigError,
+    FileNotFoundError,
+    ImportError,  # config; missing weights, data, extras
+    CheckpointError,
+    FloatingPointError,  # disk full; losses diverged
+    UnreadableImageError,
+)  # data.strict: true
 
 
 def run_training(train: Callable[[], object], errors: tuple[type[Exception], ...] = ()) -> None:

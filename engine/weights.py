@@ -30,4 +30,5 @@ def cached_weights(url: str, needed_by: str, alternative: str) -> Path:
     raise FileNotFoundError(
         f"{needed_by} needs the weights file {path.name!r} in the directory {str(path.parent)!r} "
         f"and {reason}. On a connected machine download {url} and copy it to {str(path)!r}, "
-        f"{alternative}.")
+        f"{alternative}."
+    )

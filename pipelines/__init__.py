@@ -9,8 +9,11 @@ from diffusers import DDIMScheduler
 from .class_conditional import ClassConditionalLatentDiffusionPipeline
 from .unconditional import LatentDiffusionPipeline
 
-__all__ = ["ClassConditionalLatentDiffusionPipeline", "LatentDiffusionPipeline",
-           "default_scheduler"]
+__all__ = [
+    "ClassConditionalLatentDiffusionPipeline",
+    "LatentDiffusionPipeline",
+    "default_scheduler",
+]
 
 
 def default_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
@@ -18,6 +21,13 @@ def default_scheduler(num_train_timesteps: int = 1000) -> DDIMScheduler:
     calls ``scaled_linear``; epsilon prediction), with the settings LDM's DDIM sampler uses: no
     clipping, ᾱ of the final step taken from the schedule (``set_alpha_to_one=False``) and
     timesteps offset by one (``steps_offset=1``)."""
-    return DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_start=0.0015,
-                         beta_end=0.0195, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    return DDIMScheduler(
+        num_train_timesteps=num_train_timesteps,
+        beta_start=0.0015,
+        beta_end=0.0195,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )

@@ -55,9 +55,11 @@ class ClassConditionalLatentDiffusionPipeline(VQLatentPipeline):
         bad = labels[(labels < 0) | (labels >= self.num_classes)]
         if bad.numel():
             n = self.num_classes
-            raise ValueError(f"class label {bad[0].item()} is out of range: this model has {n} "
-                             f"classes, labels must be in [0, {n}) (id {n} is the null class "
-                             "used by guidance)")
+            raise ValueError(
+                f"class label {bad[0].item()} is out of range: this model has {n} "
+                f"classes, labels must be in [0, {n}) (id {n} is the null class "
+                "used by guidance)"
+            )
         return labels.to(device=self._execution_device, dtype=torch.long)
 
     @torch.no_grad()

@@ -62,19 +62,22 @@ class VQLatentPipeline(DiffusionPipeline):
                 f"{v.embed_dim}, resolution {v.resolution} / 2**{levels}) but the UNet takes "
                 f"{'×'.join(map(str, self.latent_shape))} latents and predicts {u.out_channels} "
                 f"channels (in_channels={u.in_channels}, out_channels={u.out_channels}, "
-                f"sample_size={u.sample_size}); they must match.")
+                f"sample_size={u.sample_size}); they must match."
+            )
         embeds, embed_type = u.num_class_embeds, u.class_embed_type
         if conditional and not (embeds is not None and embeds >= 2 and embed_type is None):
             raise ValueError(
                 f"{type(self).__name__} needs a class-conditional UNet: UNet2DModel("
                 "class_embed_type=None, num_class_embeds=num_classes + 1), the last id being the "
                 f"null class; this one has num_class_embeds={embeds}, class_embed_type="
-                f"{embed_type!r}. Use LatentDiffusionPipeline for an unconditional UNet.")
+                f"{embed_type!r}. Use LatentDiffusionPipeline for an unconditional UNet."
+            )
         if not conditional and embeds is not None:
             raise ValueError(
                 f"This UNet is class-conditional (num_class_embeds={embeds}); "
                 f"{type(self).__name__} is unconditional: use "
-                "ClassConditionalLatentDiffusionPipeline.")
+                "ClassConditionalLatentDiffusionPipeline."
+            )
 
     # ----------------------------------------------------------------- sampling steps
 

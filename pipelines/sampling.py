@@ -17,8 +17,9 @@ from engine.config import parse_yaml
 from .class_conditional import ClassConditionalLatentDiffusionPipeline
 from .unconditional import LatentDiffusionPipeline
 
-PIPELINES = {cls.__name__: cls for cls in (LatentDiffusionPipeline,
-                                           ClassConditionalLatentDiffusionPipeline)}
+PIPELINES = {
+    cls.__name__: cls for cls in (LatentDiffusionPipeline, ClassConditionalLatentDiffusionPipeline)
+}
 
 
 def load_pipeline(path: str | Path, torch_dtype: torch.dtype | None = None):
@@ -28,13 +29,17 @@ def load_pipeline(path: str | Path, torch_dtype: torch.dtype | None = None):
     path = Path(path)
     index = path / "model_index.json"
     if not index.is_file():
-        raise ValueError(f"--pipeline {path}: not a saved pipeline folder (no model_index.json); "
-                         "pass the DIR/pipeline folder written by train_diffusion.py")
+        raise ValueError(
+            f"--pipeline {path}: not a saved pipeline folder (no model_index.json); "
+            "pass the DIR/pipeline folder written by train_diffusion.py"
+        )
     name = json.loads(index.read_text())["_class_name"]
     name = name[-1] if isinstance(name, list) else name
     if name not in PIPELINES:
-        raise ValueError(f"--pipeline {path}: unknown pipeline class {name!r}; expected one of "
-                         f"{sorted(PIPELINES)}")
+        raise ValueError(
+            f"--pipeline {path}: unknown pipeline class {name!r}; expected one of "
+            f"{sorted(PIPELINES)}"
+        )
     if torch_dtype is None:
         return PIPELINES[name].from_pretrained(path)
     with warnings.catch_warnings():  # diffusers >= 0.36 prefers dtype=; older ones know only this
@@ -60,19 +65,30 @@ def is_conditional(pipe) -> bool:
     return isinstance(pipe, ClassConditionalLatentDiffusionPipeline)
 
 
-def image_labels(ids: Sequence[int], seed: int, num_classes: int,
-                 given: Sequence[int] | None = None) -> list[int]:
+def image_labels(
+    ids: Sequence[int], seed: int, num_classes: int, given: Sequence[int] | None = None
+) -> list[int]:
     """Labels of images ``ids``: ``given`` cycled over the images, else uniform in
     [0, num_classes) drawn from each image's own seed."""
     if given:
         return [int(given[i % len(given)]) for i in ids]
-    return [int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(seed + i)))
-            for i in ids]
+    return [
+        int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(seed + i)))
+        for i in ids
+    ]
 
 
-def sample_images(pipe, ids: Sequence[int], *, seed: int, steps: int, eta: float = 0.0,
-                  guidance_scale: float = 1.5, labels: Sequence[int] | None = None,
-                  output_type: str = "pt"):
+def sample_images(
+    pipe,
+    ids: Sequence[int],
+    *,
+    seed: int,
+    steps: int,
+    eta: float = 0.0,
+    guidance_scale: float = 1.5,
+    labels: Sequence[int] | None = None,
+    output_type: str = "pt",
+):
     """Images ``ids`` (one generator each, on the pipeline's device); ``labels`` for a
     class-conditional pipeline. Returns what the pipeline returns for ``output_type``."""
     device = pipe._execution_device
@@ -80,7 +96,18 @@ def sample_images(pipe, ids: Sequence[int], *, seed: int, steps: int, eta: float
     if is_conditional(pipe):
         if labels is None or len(labels) != len(ids):
             raise ValueError("a class-conditional pipeline needs one label per image")
-        return pipe(list(labels), guidance_scale=guidance_scale, num_inference_steps=steps,
-                    eta=eta, generator=generators, output_type=output_type).images
-    return pipe(batch_size=len(ids), num_inference_steps=steps, eta=eta, generator=generators,
-                output_type=output_type).images
+        return pipe(
+            list(labels),
+            guidance_scale=guidance_scale,
+            num_inference_steps=steps,
+            eta=eta,
+            generator=generators,
+            output_type=output_type,
+        ).images
+    return pipe(
+        batch_size=len(ids),
+        num_inference_steps=steps,
+        eta=eta,
+        generator=generators,
+        output_type=output_type,
+    ).images

@@ -69,15 +69,19 @@ class LatentDiffusionPipeline(VQLatentPipeline):
         """
         # 1. check inputs
         if {"class_labels", "guidance_scale"} & kwargs.keys():
-            raise TypeError(f"{type(self).__name__} is unconditional: it takes no class_labels or "
-                            "guidance_scale; use ClassConditionalLatentDiffusionPipeline with a "
-                            "class-conditional UNet.")
+            raise TypeError(
+                f"{type(self).__name__} is unconditional: it takes no class_labels or "
+                "guidance_scale; use ClassConditionalLatentDiffusionPipeline with a "
+                "class-conditional UNet."
+            )
         if kwargs:
             raise TypeError(f"{type(self).__name__}() got unexpected arguments {sorted(kwargs)}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r} (this "
-                             "pipeline is unconditional: class labels go to "
-                             "ClassConditionalLatentDiffusionPipeline)")
+            raise ValueError(
+                f"batch_size must be a positive int, got {batch_size!r} (this "
+                "pipeline is unconditional: class labels go to "
+                "ClassConditionalLatentDiffusionPipeline)"
+            )
         check_output_type(output_type)
 
         # 2. prepare latents

@@ -57,22 +57,40 @@ def measure(step, device: torch.device, steps: int, warmup: int) -> tuple[float,
 
 
 def row(family, what, setting, seconds, peak, count, unit, notes="") -> dict:
-    return {"family": family, "what": what, "setting": setting, "seconds": seconds,
-            "throughput": count / seconds, "unit": unit, "peak_bytes": peak, "notes": notes}
+    return {
+        "family": family,
+        "what": what,
+        "setting": setting,
+        "seconds": seconds,
+        "throughput": count / seconds,
+        "unit": unit,
+        "peak_bytes": peak,
+        "notes": notes,
+    }
 
 
 def skipped(family, what, setting, notes) -> dict:
-    return {"family": family, "what": what, "setting": setting, "seconds": None,
-            "throughput": None, "unit": "", "peak_bytes": None, "notes": notes}
+    return {
+        "family": family,
+        "what": what,
+        "setting": setting,
+        "seconds": None,
+        "throughput": None,
+        "unit": "",
+        "peak_bytes": None,
+        "notes": notes,
+    }
 
 
 # ------------------------------------------------------------------------------------ rows
+
 
 def bench_quantizer(args, device) -> list[dict]:
     """Forward + backward of a quantizer on random latents: LooC (chunked and dense search), CVQ,
     and vector-quantize-pytorch's multi-head VQ at LooC's shape."""
     from tokenizer.quantizers import build_quantizer
     from tokenizer.quantizers.search import DEFAULT_MAX_ELEMENTS
+
     real = args.size == "real"
     b, side, k = (32, 16, 1024) if real else (2, 8, 256)
     looc_c, cvq_d = (256, 256) if real else (32, 32)
@@ -82,6 +100,7 @@ def bench_quantizer(args, device) -> list[dict]:
         def step():
             out = quantizer(z)
             (out.z_q.float().pow(2).mean() + out.loss).backward()
+
         return measure(step, device, args.steps, args.warmup)
 
     rows = []
@@ -89,51 +108,87 @@ def bench_quantizer(args, device) -> list[dict]:
     # tiny sizes fit one default chunk: search in 8 chunks there so the chunked path runs
     chunked = DEFAULT_MAX_ELEMENTS if real else n_looc * k // 8
     for search, max_elements in (("chunked", chunked), ("dense", 2**62)):
-        q = build_quantizer("looc", num_codes=k, code_dim=4, interp_scale=2,
-                            max_search_elements=max_elements).to(device).train()
+        q = (
+            build_quantizer(
+                "looc", num_codes=k, code_dim=4, interp_scale=2, max_search_elements=max_elements
+            )
+            .to(device)
+            .train()
+        )
         z = torch.randn(b, looc_c, side, side, device=device, requires_grad=True)
         seconds, peak = time_quantizer(q, z)
         chunks = math.ceil(n_looc / max(1, max_elements // k))
-        rows.append(row("quantizer", f"LooC fwd+bwd, {search} search",
-                        f"K={k}, d*=4, {b}x{looc_c}x{side}x{side}, beta=2", seconds, peak,
-                        n_looc, "vectors/s", f"N={n_looc:,}, {chunks} chunk(s) of "
-                        f"<= {max_elements // k:,} rows" if chunks > 1 else f"N={n_looc:,}"))
+        rows.append(
+            row(
+                "quantizer",
+                f"LooC fwd+bwd, {search} search",
+                f"K={k}, d*=4, {b}x{looc_c}x{side}x{side}, beta=2",
+                seconds,
+                peak,
+                n_looc,
+                "vectors/s",
+                f"N={n_looc:,}, {chunks} chunk(s) of <= {max_elements // k:,} rows"
+                if chunks > 1
+                else f"N={n_looc:,}",
+            )
+        )
     q = build_quantizer("cvq", num_codes=k, code_dim=cvq_d).to(device).train()
     z = torch.randn(b, cvq_d, side, side, device=device, requires_grad=True)
     seconds, peak = time_quantizer(q, z)
     n = b * side * side
-    rows.append(row("quantizer", "CVQ fwd+bwd", f"K={k}, d={cvq_d}, {b}x{cvq_d}x{side}x{side}",
-                    seconds, peak, n, "vectors/s", f"N={n:,}, anchors: probabilistic"))
-    what, setting = ("vector-quantize-pytorch fwd+bwd",
-                     f"{looc_c // 4} heads x 1 shared codebook K={k}, d=4, "
-                     f"{b}x{looc_c}x{2 * side}x{2 * side}")
+    rows.append(
+        row(
+            "quantizer",
+            "CVQ fwd+bwd",
+            f"K={k}, d={cvq_d}, {b}x{cvq_d}x{side}x{side}",
+            seconds,
+            peak,
+            n,
+            "vectors/s",
+            f"N={n:,}, anchors: probabilistic",
+        )
+    )
+    what, setting = (
+        "vector-quantize-pytorch fwd+bwd",
+        f"{looc_c // 4} heads x 1 shared codebook K={k}, d=4, {b}x{looc_c}x{2 * side}x{2 * side}",
+    )
     try:
         from vector_quantize_pytorch import VectorQuantize
     except ImportError:
         return rows + [skipped("quantizer", what, setting, "not installed")]
     try:  # a third-party API: a version that differs gives a row that says so, not a crash
-        vq = VectorQuantize(dim=looc_c, codebook_size=k, codebook_dim=4, heads=looc_c // 4,
-                            separate_codebook_per_head=False, accept_image_fmap=True).to(device)
+        vq = VectorQuantize(
+            dim=looc_c,
+            codebook_size=k,
+            codebook_dim=4,
+            heads=looc_c // 4,
+            separate_codebook_per_head=False,
+            accept_image_fmap=True,
+        ).to(device)
         z = torch.randn(b, looc_c, 2 * side, 2 * side, device=device, requires_grad=True)
 
         def vq_step():
             quantized, _, loss = vq(z)
             (quantized.pow(2).mean() + loss.sum()).backward()
+
         seconds, peak = measure(vq_step, device, args.steps, args.warmup)
     except (TypeError, ValueError, RuntimeError) as e:
         return rows + [skipped("quantizer", what, setting, f"failed: {type(e).__name__}: {e}")]
-    return rows + [row("quantizer", what, setting, seconds, peak, n_looc, "vectors/s",
-                       f"N={n_looc:,}")]
+    return rows + [
+        row("quantizer", what, setting, seconds, peak, n_looc, "vectors/s", f"N={n_looc:,}")
+    ]
 
 
-def tokenizer_step_time(config: str, batch_size: int, precision: str, device: torch.device,
-                        steps: int, warmup: int) -> tuple[float, int | None]:
+def tokenizer_step_time(
+    config: str, batch_size: int, precision: str, device: torch.device, steps: int, warmup: int
+) -> tuple[float, int | None]:
     """Median time and peak memory of one full tokenizer training step (generator + discriminator,
     the GAN on from step 0) of ``config`` on random images, no data loading."""
+    from engine.config import from_mapping
     from tokenizer.losses import VQGANLoss
     from tokenizer.model import VQTokenizer
-    from engine.config import from_mapping
     from tokenizer.train import TokenizerConfig
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         recipe = from_mapping(TokenizerConfig, yaml.safe_load(open(config)))
@@ -144,12 +199,14 @@ def tokenizer_step_time(config: str, batch_size: int, precision: str, device: to
     except FileNotFoundError:  # no VGG16 weights here: time LPIPS with a random backbone
         loss_fn = VQGANLoss(recipe.loss, lpips_pretrained=False).to(device)
     opt_g = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.5, 0.9))
-    opt_d = (torch.optim.Adam(loss_fn.discriminator.parameters(), lr=1e-4, betas=(0.5, 0.9))
-             if loss_fn.discriminator is not None else None)
+    opt_d = (
+        torch.optim.Adam(loss_fn.discriminator.parameters(), lr=1e-4, betas=(0.5, 0.9))
+        if loss_fn.discriminator is not None
+        else None
+    )
     r, c = recipe.model.get("resolution", 256), recipe.model.get("in_channels", 3)
     x = torch.rand(batch_size, c, r, r, device=device) * 2 - 1
-    autocast = dict(device_type=device.type, dtype=DTYPES[precision],
-                    enabled=precision != "fp32")
+    autocast = dict(device_type=device.type, dtype=DTYPES[precision], enabled=precision != "fp32")
 
     def step():
         with torch.autocast(**autocast):
@@ -164,6 +221,7 @@ def tokenizer_step_time(config: str, batch_size: int, precision: str, device: to
             d.backward()
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
+
     return measure(step, device, steps, warmup)
 
 
@@ -171,24 +229,37 @@ def bench_tokenizer(args, device) -> list[dict]:
     """Tokenizer training images/s: fp32 eager against our default (bf16 autocast on CUDA)."""
     real = args.size == "real"
     config = args.tokenizer_config or "configs/tokenizer/" + (
-        "ffhq_f16_cvq.yaml" if real else "digits_demo.yaml")
+        "ffhq_f16_cvq.yaml" if real else "digits_demo.yaml"
+    )
     batch = 8 if real else 4
     precisions = ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]
     rows = []
     for precision in precisions:
         path = config if Path(config).is_file() else ROOT / config
-        seconds, peak = tokenizer_step_time(str(path), batch, precision, device,
-                                            args.steps, args.warmup)
+        seconds, peak = tokenizer_step_time(
+            str(path), batch, precision, device, args.steps, args.warmup
+        )
         notes = "G + D step, Adam" + ("; the default on CPU" if device.type != "cuda" else "")
         label = "eager" if precision == "fp32" else "autocast (default)"
-        rows.append(row("tokenizer", f"tokenizer training, {precision} {label}",
-                        f"{config}, batch {batch}", seconds, peak, batch, "images/s", notes))
+        rows.append(
+            row(
+                "tokenizer",
+                f"tokenizer training, {precision} {label}",
+                f"{config}, batch {batch}",
+                seconds,
+                peak,
+                batch,
+                "images/s",
+                notes,
+            )
+        )
     return rows
 
 
 def bench_unet(args, device) -> list[dict]:
     """UNet training latents/s: epsilon-prediction MSE, AdamW step."""
     from diffusion.unet import UNetConfig, build_unet, training_scheduler
+
     real = args.size == "real"
     config = "configs/diffusion/" + ("lsun_churches.yaml" if real else "digits_uncond.yaml")
     channels, side, batch = (4, 32, 32) if real else (4, 8, 8)
@@ -202,19 +273,28 @@ def bench_unet(args, device) -> list[dict]:
     t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device)
     xt = scheduler.add_noise(x0, noise, t)
     rows = []
-    for precision in (["fp32", "bf16"] if device.type == "cuda" else ["fp32"]):
+    for precision in ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]:
+
         def step():
-            with torch.autocast(device.type, dtype=DTYPES[precision],
-                                enabled=precision != "fp32"):
+            with torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
                 loss = F.mse_loss(unet(xt, t).sample.float(), noise)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+
         seconds, peak = measure(step, device, args.steps, args.warmup)
-        rows.append(row("unet", f"UNet training, {precision}",
-                        f"{config} unet, {batch}x{channels}x{side}x{side}", seconds, peak, batch,
-                        "latents/s", f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M "
-                        "params, AdamW"))
+        rows.append(
+            row(
+                "unet",
+                f"UNet training, {precision}",
+                f"{config} unet, {batch}x{channels}x{side}x{side}",
+                seconds,
+                peak,
+                batch,
+                "latents/s",
+                f"{sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M params, AdamW",
+            )
+        )
     return rows
 
 
@@ -226,28 +306,49 @@ def bench_sampling(args, device) -> list[dict]:
     from diffusion.unet import UNetConfig, build_unet
     from pipelines import LatentDiffusionPipeline, default_scheduler
     from tokenizer import VQTokenizer
+
     real = args.size == "real"
     torch.manual_seed(0)
     if real:
         raw = yaml.safe_load(open(ROOT / "configs/tokenizer/ffhq_f8_cvq.yaml"))["model"]
         vqvae = VQTokenizer(**raw)
-        unet = build_unet(UNetConfig(**yaml.safe_load(open(ROOT / "configs/diffusion/ffhq.yaml"))
-                                     ["unet"]), 4, 32)
+        unet = build_unet(
+            UNetConfig(**yaml.safe_load(open(ROOT / "configs/diffusion/ffhq.yaml"))["unet"]), 4, 32
+        )
         batch, steps, setting = 16, 50, "ffhq.yaml UNet + ffhq_f8_cvq tokenizer, 256px"
     else:
-        vqvae = VQTokenizer(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                            attn_resolutions=(), z_channels=8, embed_dim=4, norm_groups=4,
-                            quantizer="cvq", quantizer_options={"num_codes": 16})
-        unet = build_unet(UNetConfig(block_out_channels=[16, 16], layers_per_block=1,
-                                     attention_resolutions=[], attention_head_dim=8,
-                                     norm_num_groups=4), 4, 8)
+        vqvae = VQTokenizer(
+            resolution=16,
+            ch=16,
+            ch_mult=(1, 2),
+            num_res_blocks=1,
+            attn_resolutions=(),
+            z_channels=8,
+            embed_dim=4,
+            norm_groups=4,
+            quantizer="cvq",
+            quantizer_options={"num_codes": 16},
+        )
+        unet = build_unet(
+            UNetConfig(
+                block_out_channels=[16, 16],
+                layers_per_block=1,
+                attention_resolutions=[],
+                attention_head_dim=8,
+                norm_num_groups=4,
+            ),
+            4,
+            8,
+        )
         batch, steps, setting = 4, 5, "tiny random pipeline, 16px"
     vqvae, unet = vqvae.eval().to(device), unet.eval().to(device)
     setting = f"{setting}, batch {batch}, {steps} DDIM steps"
     ours = LatentDiffusionPipeline(vqvae=vqvae, unet=unet, scheduler=default_scheduler())
     ldm = LDMPipeline(vqvae=vqvae, unet=unet, scheduler=default_scheduler())
-    variants = [("ours (LatentDiffusionPipeline), fp32", ours, "fp32"),
-                ("diffusers LDMPipeline, fp32", ldm, "fp32")]
+    variants = [
+        ("ours (LatentDiffusionPipeline), fp32", ours, "fp32"),
+        ("diffusers LDMPipeline, fp32", ldm, "fp32"),
+    ]
     if device.type == "cuda":
         variants += [(f"ours (LatentDiffusionPipeline), {p}", ours, p) for p in ("bf16", "fp16")]
     rows = []
@@ -256,8 +357,14 @@ def bench_sampling(args, device) -> list[dict]:
         pipe.set_progress_bar_config(disable=True)
 
         def step():
-            pipe(batch_size=batch, num_inference_steps=steps, eta=0.0,
-                 generator=torch.Generator(device).manual_seed(0), output_type="np")
+            pipe(
+                batch_size=batch,
+                num_inference_steps=steps,
+                eta=0.0,
+                generator=torch.Generator(device).manual_seed(0),
+                output_type="np",
+            )
+
         seconds, peak = measure(step, device, max(1, args.steps // 2), 1)
         pipe.to(device, torch.float32)
         rows.append(row("sampling", what, setting, seconds, peak, batch, "images/s"))
@@ -271,6 +378,7 @@ def inception_weights(args) -> Path | None:
 
     from engine.fid import INCEPTION_FILE, find_inception_weights
     from engine.weights import NO_DOWNLOAD
+
     if args.inception_weights:
         return Path(args.inception_weights)
     old = os.environ.get(NO_DOWNLOAD)
@@ -289,10 +397,14 @@ def inception_weights(args) -> Path | None:
     from unittest import mock
 
     import torch_fidelity.feature_extractor_inceptionv3 as fe
+
     torch.manual_seed(0)
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict",
-                              lambda self, state: None):
+    with (
+        mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None),
+        mock.patch.object(
+            fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None
+        ),
+    ):
         model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     path = Path(tempfile.mkdtemp()) / INCEPTION_FILE
     torch.save(model.state_dict(), path)
@@ -302,21 +414,28 @@ def inception_weights(args) -> Path | None:
 def bench_inception(args, device) -> list[dict]:
     """Inception v3 (torch-fidelity's) 2048-d features of uint8 images, images/s."""
     from engine.fid import inception_features, load_inception
+
     batch, side = (64, 256) if args.size == "real" else (4, 32)
     setting = f"batch {batch}, {side}px -> 299px"
     path = inception_weights(args)
     if path is None:
-        return [skipped("inception", "Inception v3 features", setting,
-                        "skipped: no weights (--inception-weights PATH or --random-inception)")]
+        return [
+            skipped(
+                "inception",
+                "Inception v3 features",
+                setting,
+                "skipped: no weights (--inception-weights PATH or --random-inception)",
+            )
+        ]
     model = load_inception(path, device)
     images = torch.rand(batch, 3, side, side, device=device) * 2 - 1
-    seconds, peak = measure(lambda: inception_features(model, images), device, args.steps,
-                            args.warmup)
+    seconds, peak = measure(
+        lambda: inception_features(model, images), device, args.steps, args.warmup
+    )
     notes = "random weights" if args.random_inception and not args.inception_weights else ""
-    return [row("inception", "Inception v3 features", setting, seconds, peak, batch, "images/s",
-                notes)]
-
-
+    return [
+        row("inception", "Inception v3 features", setting, seconds, peak, batch, "images/s", notes)
+    ]
 
 
 # ------------------------------------------------------------------------------------ output
@@ -360,15 +479,27 @@ print(json.dumps({"before": before, "opened": opened, "epoch": memory(), "items"
 def _synthetic_cache(root: Path, count: int, shape=(4, 32, 32)) -> None:
     """A complete latent cache of ``count`` random float32 latents, without a tokenizer."""
     from diffusion.latent_cache import FORMAT, complete_cache, write_shard
+
     shard_size = 4096
     root.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
     for k, start in enumerate(range(0, count, shard_size)):
         n = min(shard_size, count - start)
-        write_shard(root, k, torch.randn(n, *shape, generator=generator),
-                    torch.randint(0, 1000, (n,), generator=generator))
-    settings = {"format": FORMAT, "data": {}, "part": "train", "quantized": True,
-                "flips": False, "dtype": "float32", "precision": "no"}
+        write_shard(
+            root,
+            k,
+            torch.randn(n, *shape, generator=generator),
+            torch.randint(0, 1000, (n,), generator=generator),
+        )
+    settings = {
+        "format": FORMAT,
+        "data": {},
+        "part": "train",
+        "quantized": True,
+        "flips": False,
+        "dtype": "float32",
+        "precision": "no",
+    }
     complete_cache(root, settings, count, count, shard_size)
 
 
@@ -378,6 +509,7 @@ def bench_cache(args, device) -> list[dict]:
     processes reading disjoint halves, memory-mapped (ours) and loaded whole (format 1)."""
     import subprocess
     import sys
+
     sizes = [64, 256, 1024] if args.size == "real" else [4, 16]
     rows = []
     env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -389,25 +521,50 @@ def bench_cache(args, device) -> list[dict]:
             size = sum(p.stat().st_size for p in root.iterdir())
             for in_memory in ("0", "1") if mib <= 256 else ("0",):
                 for world in (1, 2):
-                    procs = [subprocess.Popen([sys.executable, "-c", CACHE_READER, str(root),
-                                               str(r), str(world), in_memory], env=env,
-                                              stdout=subprocess.PIPE, text=True)
-                             for r in range(world)]
+                    procs = [
+                        subprocess.Popen(
+                            [
+                                sys.executable,
+                                "-c",
+                                CACHE_READER,
+                                str(root),
+                                str(r),
+                                str(world),
+                                in_memory,
+                            ],
+                            env=env,
+                            stdout=subprocess.PIPE,
+                            text=True,
+                        )
+                        for r in range(world)
+                    ]
                     reports = [json.loads(p.communicate()[0].splitlines()[-1]) for p in procs]
                     r = reports[0]
-                    opened = (r["opened"]["RssAnon"] + r["opened"]["RssFile"]
-                              - r["before"]["RssAnon"] - r["before"]["RssFile"])
+                    opened = (
+                        r["opened"]["RssAnon"]
+                        + r["opened"]["RssFile"]
+                        - r["before"]["RssAnon"]
+                        - r["before"]["RssFile"]
+                    )
                     anon = r["epoch"]["RssAnon"] - r["before"]["RssAnon"]
                     seconds = max(x["seconds"] for x in reports)
                     items = sum(x["items"] for x in reports)
                     kind = "loaded whole (format 1)" if in_memory == "1" else "memory-mapped"
-                    rows.append(row(
-                        "cache", f"latent cache, {kind}", f"{size / 2**20:,.0f} MiB, {world} "
-                        f"process{'es' if world > 1 else ''}", seconds, None, items, "latents/s",
-                        f"per process: +{opened / 2**20:,.1f} MiB resident on opening "
-                        f"({100 * opened / size:.1f}% of the cache); after the epoch "
-                        f"+{anon / 2**20:,.1f} MiB private, PSS "
-                        f"+{(r['epoch']['Pss'] - r['before']['Pss']) / 2**20:,.0f} MiB"))
+                    rows.append(
+                        row(
+                            "cache",
+                            f"latent cache, {kind}",
+                            f"{size / 2**20:,.0f} MiB, {world} process{'es' if world > 1 else ''}",
+                            seconds,
+                            None,
+                            items,
+                            "latents/s",
+                            f"per process: +{opened / 2**20:,.1f} MiB resident on opening "
+                            f"({100 * opened / size:.1f}% of the cache); after the epoch "
+                            f"+{anon / 2**20:,.1f} MiB private, PSS "
+                            f"+{(r['epoch']['Pss'] - r['before']['Pss']) / 2**20:,.0f} MiB",
+                        )
+                    )
             __import__("shutil").rmtree(root)
     return rows
 
@@ -418,11 +575,14 @@ def bench_data(args, device) -> list[dict]:
     flips (the real recipes' f8 tokenizer; tiny: 8 channels wide): one decode per image pair,
     loader workers, bf16 autocast."""
     import os
+
     from accelerate import Accelerator
-    from diffusion.latent_cache import build_latent_cache
-    from tokenizer import VQTokenizer
-    from engine.manifest import open_manifest
     from PIL import Image
+
+    from diffusion.latent_cache import build_latent_cache
+    from engine.manifest import open_manifest
+    from tokenizer import VQTokenizer
+
     files, classes = (100_000, 1000) if args.size == "real" else (2_000, 20)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -436,8 +596,17 @@ def bench_data(args, device) -> list[dict]:
             start = time.perf_counter()
             manifest = open_manifest(str(root), "folder", cache_dir=cache)
             seconds = time.perf_counter() - start
-            rows.append(row("data", f"image folder, {what}", f"{len(manifest.table):,} files, "
-                            f"{classes:,} classes", seconds, None, files, "files/s"))
+            rows.append(
+                row(
+                    "data",
+                    f"image folder, {what}",
+                    f"{len(manifest.table):,} files, {classes:,} classes",
+                    seconds,
+                    None,
+                    files,
+                    "files/s",
+                )
+            )
         images = Path(tmp) / "photos"
         images.mkdir()
         count = 17 if args.size == "tiny" else 65  # one image is held out
@@ -454,60 +623,98 @@ def bench_data(args, device) -> list[dict]:
         for precision, workers in (("no", 0), ("bf16", 2)):
             accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
             start = time.perf_counter()
-            build_latent_cache(tokenizer, {"source": str(images), "resolution": 256,
-                                           "validation_size": 1},
-                               Path(tmp) / f"latents-{precision}", flips=True, batch_size=16,
-                               accelerator=accelerator, num_workers=workers)
+            build_latent_cache(
+                tokenizer,
+                {"source": str(images), "resolution": 256, "validation_size": 1},
+                Path(tmp) / f"latents-{precision}",
+                flips=True,
+                batch_size=16,
+                accelerator=accelerator,
+                num_workers=workers,
+            )
             seconds = time.perf_counter() - start
             accelerator.free_memory()
             from accelerate.state import AcceleratorState, GradientState
+
             AcceleratorState._reset_state(True)
             GradientState._reset_state()
-            rows.append(row("data", f"latent cache encoding, {precision}, {workers} workers",
-                            f"{count - 1} images at 256 px, flips, ch {model['ch']}", seconds,
-                            None, count - 1, "images/s",
-                            f"{2 * (count - 1) / seconds:,.1f} latents/s"))
+            rows.append(
+                row(
+                    "data",
+                    f"latent cache encoding, {precision}, {workers} workers",
+                    f"{count - 1} images at 256 px, flips, ch {model['ch']}",
+                    seconds,
+                    None,
+                    count - 1,
+                    "images/s",
+                    f"{2 * (count - 1) / seconds:,.1f} latents/s",
+                )
+            )
     return rows
 
 
-BENCHMARKS = {"quantizer": bench_quantizer, "tokenizer": bench_tokenizer, "unet": bench_unet,
-              "sampling": bench_sampling, "inception": bench_inception, "cache": bench_cache,
-              "data": bench_data}
+BENCHMARKS = {
+    "quantizer": bench_quantizer,
+    "tokenizer": bench_tokenizer,
+    "unet": bench_unet,
+    "sampling": bench_sampling,
+    "inception": bench_inception,
+    "cache": bench_cache,
+    "data": bench_data,
+}
 
 
 def table(rows: list[dict], device: torch.device, size: str) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    lines = [f"Device: {name} ({device.type}, {torch.get_num_threads()} threads), torch "
-             f"{torch.__version__}, sizes: {size}", "",
-             "| what | setting | time | throughput | peak memory | notes |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Device: {name} ({device.type}, {torch.get_num_threads()} threads), torch "
+        f"{torch.__version__}, sizes: {size}",
+        "",
+        "| what | setting | time | throughput | peak memory | notes |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         time_ = f"{r['seconds'] * 1000:.1f} ms" if r["seconds"] is not None else "-"
         rate = f"{r['throughput']:,.1f} {r['unit']}" if r["throughput"] is not None else "-"
         peak = f"{r['peak_bytes'] / 2**20:,.0f} MiB" if r["peak_bytes"] is not None else "-"
-        lines.append(f"| {r['what']} | {r['setting']} | {time_} | {rate} | {peak} "
-                     f"| {r['notes']} |")
+        lines.append(f"| {r['what']} | {r['setting']} | {time_} | {rate} | {peak} | {r['notes']} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=["tiny", "real"], default=None,
-                        help="default: real on CUDA, tiny elsewhere")
+    parser.add_argument(
+        "--size",
+        choices=["tiny", "real"],
+        default=None,
+        help="default: real on CUDA, tiny elsewhere",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--only", default=",".join(FAMILIES),
-                        help="comma-separated subset of " + ",".join(FAMILIES))
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 real, "
-                        "3 tiny; sampling uses half)")
+    parser.add_argument(
+        "--only", default=",".join(FAMILIES), help="comma-separated subset of " + ",".join(FAMILIES)
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps (default 10 real, 3 tiny; sampling uses half)",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="default 3 real, 1 tiny")
-    parser.add_argument("--tokenizer-config", metavar="YAML", help="the tokenizer row's config "
-                        "(default: ffhq_f16_cvq.yaml real, digits_demo.yaml tiny)")
+    parser.add_argument(
+        "--tokenizer-config",
+        metavar="YAML",
+        help="the tokenizer row's config (default: ffhq_f16_cvq.yaml real, digits_demo.yaml tiny)",
+    )
     parser.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     parser.add_argument("--inception-weights", metavar="PATH")
-    parser.add_argument("--random-inception", action="store_true",
-                        help="time Inception with random weights if no weights file is found")
+    parser.add_argument(
+        "--random-inception",
+        action="store_true",
+        help="time Inception with random weights if no weights file is found",
+    )
     args = parser.parse_args()
     from diffusers.utils import logging as diffusers_logging
+
     diffusers_logging.set_verbosity_error()  # casting pipelines to bf16/fp16 warns every time
     device = torch.device(args.device)
     args.size = args.size or ("real" if device.type == "cuda" else "tiny")
@@ -523,9 +730,19 @@ def main() -> None:
             rows += BENCHMARKS[family](args, device)
     print(table(rows, device, args.size))
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "size": args.size, "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": torch.cuda.get_device_name(device)
+                    if device.type == "cuda"
+                    else "cpu",
+                    "torch": torch.__version__,
+                    "size": args.size,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

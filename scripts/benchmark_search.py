@@ -21,6 +21,7 @@ def run_one(method: str, n: int, k: int, d: int, device: str) -> dict:
     import resource
 
     from tokenizer.quantizers.search import nearest_code
+
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(n, d, generator=g, device=device)
     codebook = torch.randn(k, d, generator=g, device=device)
@@ -47,8 +48,11 @@ def run_one(method: str, n: int, k: int, d: int, device: str) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": (time.perf_counter() - start) / 3, "peak_bytes": peak,
-            "checksum": int(out.sum())}
+    return {
+        "seconds": (time.perf_counter() - start) / 3,
+        "peak_bytes": peak,
+        "checksum": int(out.sum()),
+    }
 
 
 def main() -> None:
@@ -57,8 +61,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=1024)
     parser.add_argument("--d", type=int, default=4)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--methods", nargs="+", default=["chunked argmax (ours)",
-                                                          "full matrix argmax", "full sort"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["chunked argmax (ours)", "full matrix argmax", "full sort"]
+    )
     parser.add_argument("--_one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._one:
@@ -70,16 +75,31 @@ def main() -> None:
     print("|---|---|---|---|")
     reference = None
     for method in args.methods:
-        cmd = [sys.executable, __file__, "--n", str(args.n), "--k", str(args.k), "--d",
-               str(args.d), "--device", args.device, "--_one", method]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--n",
+            str(args.n),
+            "--k",
+            str(args.k),
+            "--d",
+            str(args.d),
+            "--device",
+            args.device,
+            "--_one",
+            method,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"| {method} | failed: {done.stderr.strip().splitlines()[-1]} | | |")
             continue
         r = json.loads(done.stdout)
         reference = r["checksum"] if reference is None else reference
-        print(f"| {method} | {r['seconds']:.3f} s | {r['peak_bytes'] / 2**30:.2f} GiB "
-              f"| {'yes' if r['checksum'] == reference else 'no'} |", flush=True)
+        print(
+            f"| {method} | {r['seconds']:.3f} s | {r['peak_bytes'] / 2**30:.2f} GiB "
+            f"| {'yes' if r['checksum'] == reference else 'no'} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

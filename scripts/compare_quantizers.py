@@ -25,14 +25,27 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     data = load_digits(args.resolution)
-    print(f"digits: {len(data['train'])} train / {len(data['val'])} validation images, "
-          f"{args.resolution}x{args.resolution}, {args.steps} steps per quantizer")
+    print(
+        f"digits: {len(data['train'])} train / {len(data['val'])} validation images, "
+        f"{args.resolution}x{args.resolution}, {args.steps} steps per quantizer"
+    )
     results = []
     for name, (kind, options) in DEFAULT_SETTINGS.items():
-        result = train_and_evaluate(name, kind, options, data, steps=args.steps,
-                                    batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-        print(f"  {name}: usage {100 * result.usage:.1f}%, perplexity {result.perplexity:.1f}, "
-              f"PSNR {result.psnr:.2f} dB ({result.seconds:.0f} s)", flush=True)
+        result = train_and_evaluate(
+            name,
+            kind,
+            options,
+            data,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+        )
+        print(
+            f"  {name}: usage {100 * result.usage:.1f}%, perplexity {result.perplexity:.1f}, "
+            f"PSNR {result.psnr:.2f} dB ({result.seconds:.0f} s)",
+            flush=True,
+        )
         results.append(result)
     print()
     print(format_table(results))

@@ -28,13 +28,18 @@ import torch
 import torch_fidelity
 from accelerate import Accelerator
 
-from diffusion.evaluate import (EvalConfig, file_digest, folder_digest, generated_features,
-                                reference_features)
-from pipelines.model_card import record_evaluation
-from pipelines.sampling import is_conditional, load_pipeline, training_config
+from diffusion.evaluate import (
+    EvalConfig,
+    file_digest,
+    folder_digest,
+    generated_features,
+    reference_features,
+)
 from engine.config import ConfigError, from_mapping
 from engine.data import DataConfig
 from engine.fid import class_averaged_fid, fidelity_metrics, load_inception
+from pipelines.model_card import record_evaluation
+from pipelines.sampling import is_conditional, load_pipeline, training_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NO_WEIGHTS = 3  # exit status when the Inception weights cannot be had (scripts/demo.sh uses it)
@@ -53,42 +58,67 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, help="class-conditional pipelines")
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--class-labels", help="comma-separated labels, cycled over the samples")
-    labels.add_argument("--classes-uniform", action="store_true",
-                        help="draw each sample's label uniformly (the default)")
+    labels.add_argument(
+        "--classes-uniform",
+        action="store_true",
+        help="draw each sample's label uniformly (the default)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                        help="sample in this precision (the quantizer stays in float32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(DTYPES),
+        help="sample in this precision (the quantizer stays in float32)",
+    )
     parser.add_argument("--inception-weights", help="torch-fidelity's Inception weights file")
     parser.add_argument("--kid", action="store_true", help="also Kernel Inception Distance")
     parser.add_argument("--isc", action="store_true", help="also Inception Score")
     parser.add_argument("--prc", action="store_true", help="also precision and recall")
-    parser.add_argument("--per-class", action="store_true",
-                        help="also the class-averaged FID (class-conditional pipelines)")
+    parser.add_argument(
+        "--per-class",
+        action="store_true",
+        help="also the class-averaged FID (class-conditional pipelines)",
+    )
     parser.add_argument("--save-samples", help="also write the samples as PNGs here")
     parser.add_argument("--out", help="write the JSON report here")
     parser.add_argument("--cache-dir", help="reference feature cache")
-    parser.add_argument("--refresh-reference", action="store_true",
-                        help="recompute the reference features even if cached")
-    parser.add_argument("--no-model-card", action="store_true",
-                        help="do not add the report to the pipeline folder's README.md")
+    parser.add_argument(
+        "--refresh-reference",
+        action="store_true",
+        help="recompute the reference features even if cached",
+    )
+    parser.add_argument(
+        "--no-model-card",
+        action="store_true",
+        help="do not add the report to the pipeline folder's README.md",
+    )
     return parser.parse_args()
 
 
 def protocol(args, trained: dict, pipe) -> tuple[EvalConfig, int, float | None]:
     """The eval settings: the training config's ``eval`` section, overridden by the options."""
     config = from_mapping(EvalConfig, trained.get("eval"), "eval")
-    given = {"num_samples": args.num_samples, "steps": args.steps, "eta": args.eta,
-             "guidance_scale": args.guidance_scale, "reference_part": args.reference_part}
+    given = {
+        "num_samples": args.num_samples,
+        "steps": args.steps,
+        "eta": args.eta,
+        "guidance_scale": args.guidance_scale,
+        "reference_part": args.reference_part,
+    }
     if args.reference_images is not None:
-        given["reference_images"] = (None if args.reference_images == "all"
-                                     else int(args.reference_images))
+        given["reference_images"] = (
+            None if args.reference_images == "all" else int(args.reference_images)
+        )
     config = replace(config, **{k: v for k, v in given.items() if v is not None})
     train = trained.get("train") or {}
     steps = config.steps or int(train.get("sample_steps", 50))
     guidance = None
     if is_conditional(pipe):
-        guidance = (config.guidance_scale if config.guidance_scale is not None
-                    else float(train.get("sample_guidance", 1.5)))
+        guidance = (
+            config.guidance_scale
+            if config.guidance_scale is not None
+            else float(train.get("sample_guidance", 1.5))
+        )
     return config, steps, guidance
 
 
@@ -104,16 +134,25 @@ def reference_data(args, trained: dict, pipe) -> DataConfig:
 def print_table(report: dict) -> None:
     m, s = report["metrics"], report["sampling"]
     rows = [("FID", f"{m['fid']:.3f}")]
-    for key, name in (("kernel_inception_distance_mean", "KID"),
-                      ("inception_score_mean", "IS"), ("precision", "precision"),
-                      ("recall", "recall"), ("class_averaged_fid", "class-avg FID")):
+    for key, name in (
+        ("kernel_inception_distance_mean", "KID"),
+        ("inception_score_mean", "IS"),
+        ("precision", "precision"),
+        ("recall", "recall"),
+        ("class_averaged_fid", "class-avg FID"),
+    ):
         if key in m:
             rows.append((name, f"{m[key]:.4f}"))
-    rows += [("samples", str(s["num_samples"])),
-             ("steps / eta", f"{s['steps']} / {s['eta']}"),
-             ("reference", f"{report['reference']['key']} ({report['reference']['images']} "
-                           f"images, {'cached' if report['reference']['cached'] else 'computed'})"),
-             ("s / 1000 samples", f"{report['seconds_per_1000_samples']:.1f}")]
+    rows += [
+        ("samples", str(s["num_samples"])),
+        ("steps / eta", f"{s['steps']} / {s['eta']}"),
+        (
+            "reference",
+            f"{report['reference']['key']} ({report['reference']['images']} "
+            f"images, {'cached' if report['reference']['cached'] else 'computed'})",
+        ),
+        ("s / 1000 samples", f"{report['seconds_per_1000_samples']:.1f}"),
+    ]
     if s["guidance_scale"] is not None:
         rows.insert(-2, ("guidance", str(s["guidance_scale"])))
     width = max(len(name) for name, _ in rows)
@@ -143,46 +182,85 @@ def main() -> None:
 
     start = time.perf_counter()
     weights = f"{inception.weights_path.name}#{file_digest(inception.weights_path)}"
-    reference = reference_features(data, config.reference_part, inception, accelerator,
-                                   weights=weights, max_images=config.reference_images,
-                                   batch_size=args.batch_size, cache_dir=args.cache_dir,
-                                   refresh=args.refresh_reference)
+    reference = reference_features(
+        data,
+        config.reference_part,
+        inception,
+        accelerator,
+        weights=weights,
+        max_images=config.reference_images,
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+        refresh=args.refresh_reference,
+    )
     reference_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    generated = generated_features(pipe, inception, accelerator, num_samples=config.num_samples,
-                                   batch_size=args.batch_size, seed=args.seed, steps=steps,
-                                   eta=config.eta, guidance_scale=guidance,
-                                   class_labels=class_labels, save_dir=args.save_samples)
+    generated = generated_features(
+        pipe,
+        inception,
+        accelerator,
+        num_samples=config.num_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        steps=steps,
+        eta=config.eta,
+        guidance_scale=guidance,
+        class_labels=class_labels,
+        save_dir=args.save_samples,
+    )
     sampling_seconds = time.perf_counter() - start
     if not accelerator.is_main_process:
         return
 
-    metrics = fidelity_metrics(generated, reference.features, kid=args.kid, isc=args.isc,
-                               prc=args.prc, seed=args.seed)
+    metrics = fidelity_metrics(
+        generated, reference.features, kid=args.kid, isc=args.isc, prc=args.prc, seed=args.seed
+    )
     if args.per_class:
         try:
-            metrics.update(class_averaged_fid(generated["2048"], generated["labels"],
-                                              reference.features, reference.labels))
+            metrics.update(
+                class_averaged_fid(
+                    generated["2048"], generated["labels"], reference.features, reference.labels
+                )
+            )
         except ValueError as e:
             sys.exit(f"--per-class: {e}")
     report = {
         "metrics": metrics,
-        "sampling": {"num_samples": config.num_samples, "steps": steps, "eta": config.eta,
-                     "guidance_scale": guidance, "seed": args.seed,
-                     "class_labels": class_labels or ("uniform" if conditional else None),
-                     "scheduler": type(pipe.scheduler).__name__, "dtype": args.dtype},
-        "reference": {"key": reference.key, "images": len(reference.features),
-                      "cached": reference.cached, "cache_file": str(reference.path),
-                      **reference.spec},
-        "pipeline": {"path": str(args.pipeline), "class": type(pipe).__name__,
-                     "hash": folder_digest(args.pipeline)},
+        "sampling": {
+            "num_samples": config.num_samples,
+            "steps": steps,
+            "eta": config.eta,
+            "guidance_scale": guidance,
+            "seed": args.seed,
+            "class_labels": class_labels or ("uniform" if conditional else None),
+            "scheduler": type(pipe.scheduler).__name__,
+            "dtype": args.dtype,
+        },
+        "reference": {
+            "key": reference.key,
+            "images": len(reference.features),
+            "cached": reference.cached,
+            "cache_file": str(reference.path),
+            **reference.spec,
+        },
+        "pipeline": {
+            "path": str(args.pipeline),
+            "class": type(pipe).__name__,
+            "hash": folder_digest(args.pipeline),
+        },
         "eval_config": asdict(config),
-        "processes": accelerator.num_processes, "device": str(accelerator.device),
-        "seconds": {"reference": round(reference_seconds, 2),
-                    "sampling_and_features": round(sampling_seconds, 2)},
+        "processes": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "seconds": {
+            "reference": round(reference_seconds, 2),
+            "sampling_and_features": round(sampling_seconds, 2),
+        },
         "seconds_per_1000_samples": 1000 * sampling_seconds / config.num_samples,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "torch_fidelity": torch_fidelity.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "torch_fidelity": torch_fidelity.__version__,
+        },
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     print_table(report)

@@ -19,8 +19,8 @@ import torch
 
 from engine.config import ConfigError, from_mapping, load_yaml
 from engine.data import DataConfig, build_dataset
-from tokenizer.evaluate import evaluate_tokenizer
 from engine.fid import load_inception
+from tokenizer.evaluate import evaluate_tokenizer
 from tokenizer.losses import build_lpips
 from tokenizer.model import VQTokenizer
 
@@ -29,8 +29,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", required=True, help="folder written by training")
     parser.add_argument("--data", help="data source (digits, a folder, a file, a hub name)")
-    parser.add_argument("--config", help="take the data section of this training config "
-                        "(default: the one saved by the run, if any)")
+    parser.add_argument(
+        "--config",
+        help="take the data section of this training config "
+        "(default: the one saved by the run, if any)",
+    )
     parser.add_argument("--part", default="validation", choices=["train", "validation"])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-images", type=int)
@@ -43,12 +46,13 @@ def main() -> None:
 
     try:
         model = VQTokenizer.from_pretrained(args.tokenizer).to(args.device)
-    except (OSError, EnvironmentError) as e:
+    except OSError as e:
         sys.exit(f"--tokenizer {args.tokenizer}: not a saved tokenizer folder ({e})")
     saved = Path(args.tokenizer).parent / "config.yaml"
     try:
-        config = load_yaml(args.config) if args.config else (
-            load_yaml(saved) if saved.is_file() else {})
+        config = (
+            load_yaml(args.config) if args.config else (load_yaml(saved) if saved.is_file() else {})
+        )
     except ConfigError as e:
         sys.exit(f"--config: {e}")
     data = dict(config.get("data") or {})
@@ -59,18 +63,32 @@ def main() -> None:
     try:
         data_config = from_mapping(DataConfig, data, "data")
         lpips = None if args.no_lpips else build_lpips(pretrained=True).to(args.device)
-        inception = None if args.no_fid else load_inception(
-            args.inception_weights, args.device, skip_hint=" (or skip rFID with --no-fid)")
+        inception = (
+            None
+            if args.no_fid
+            else load_inception(
+                args.inception_weights, args.device, skip_hint=" (or skip rFID with --no-fid)"
+            )
+        )
     except (ConfigError, FileNotFoundError, RuntimeError) as e:
         sys.exit(str(e))
     dataset = build_dataset(data_config, args.part)
-    report = evaluate_tokenizer(model, dataset, args.batch_size, lpips=lpips,
-                                inception=inception, max_images=args.max_images)
+    report = evaluate_tokenizer(
+        model,
+        dataset,
+        args.batch_size,
+        lpips=lpips,
+        inception=inception,
+        max_images=args.max_images,
+    )
     report.update(tokenizer=args.tokenizer, data=asdict(data_config), part=args.part)
     for key in ("rfid", "psnr", "ssim", "lpips", "l1", "usage", "perplexity"):
         value = report[key]
-        shown = "skipped" if value is None else (f"{100 * value:.1f}%" if key == "usage"
-                                                 else f"{value:.4f}")
+        shown = (
+            "skipped"
+            if value is None
+            else (f"{100 * value:.1f}%" if key == "usage" else f"{value:.4f}")
+        )
         print(f"{key:>10}: {shown}")
     print(f"{'images':>10}: {report['images']}")
     if args.out:

@@ -11,37 +11,62 @@ import time
 
 import torch
 
-from tokenizer.experiments.reproduce import (TABLE_CHOICES, RunConfig, load_mnist, optional_metrics,
-                                 run_tables, select_tables, write_outputs)
+from tokenizer.experiments.reproduce import (
+    TABLE_CHOICES,
+    RunConfig,
+    load_mnist,
+    optional_metrics,
+    run_tables,
+    select_tables,
+    write_outputs,
+)
 
 DEFAULT_MNIST = os.environ.get("NEVERCOLLAPSE_MNIST", "/work/shared/data/mnist")
 # --quick: a smoke test of the whole pipeline on the CPU (well under a minute), not a result.
 QUICK = dict(steps=20, batch_size=32, curve_points=2, val_images=200)
-QUICK_ROWS = {"main": ["VQ 1024x128", "CVQ 1024x128 (online)", "LooC 32x4"],
-              "looc_dstar": ["LooC 256x16", "LooC 256x64"],
-              "cvq_anchors": ["CVQ closest (online)", "CVQ random (offline)"]}
+QUICK_ROWS = {
+    "main": ["VQ 1024x128", "CVQ 1024x128 (online)", "LooC 32x4"],
+    "looc_dstar": ["LooC 256x16", "LooC 256x64"],
+    "cvq_anchors": ["CVQ closest (online)", "CVQ random (offline)"],
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--table", default="main",
-                        help=f"which table to reproduce: one of {', '.join(TABLE_CHOICES)}")
+    parser.add_argument(
+        "--table",
+        default="main",
+        help=f"which table to reproduce: one of {', '.join(TABLE_CHOICES)}",
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps per row (1800)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (1024)")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--curve-points", type=int, default=None,
-                        help="validation-usage measurements during training (20)")
-    parser.add_argument("--mnist", default=DEFAULT_MNIST,
-                        help="directory of t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz")
+    parser.add_argument(
+        "--curve-points",
+        type=int,
+        default=None,
+        help="validation-usage measurements during training (20)",
+    )
+    parser.add_argument(
+        "--mnist",
+        default=DEFAULT_MNIST,
+        help="directory of t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz",
+    )
     parser.add_argument("--out", default="runs/reproduce", help="output directory")
-    parser.add_argument("--no-lpips-fid", action="store_true",
-                        help="do not compute LPIPS and rFID even when their weights are present")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke test: {QUICK['steps']} steps, batch {QUICK['batch_size']}, "
-                             "two or three rows per table, 200 validation images")
+    parser.add_argument(
+        "--no-lpips-fid",
+        action="store_true",
+        help="do not compute LPIPS and rFID even when their weights are present",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test: {QUICK['steps']} steps, batch {QUICK['batch_size']}, "
+        "two or three rows per table, 200 validation images",
+    )
     args = parser.parse_args()
     try:
         tables = select_tables(args.table)
@@ -52,24 +77,33 @@ def main() -> None:
 
     defaults = QUICK if args.quick else {}
     given = dict(steps=args.steps, batch_size=args.batch_size, curve_points=args.curve_points)
-    config = RunConfig(lr=args.lr, seed=args.seed, device=args.device,
-                       **{**defaults, **{k: v for k, v in given.items() if v is not None}})
+    config = RunConfig(
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
+        **{**defaults, **{k: v for k, v in given.items() if v is not None}},
+    )
     data = load_mnist(args.mnist)
     scorers, skipped = optional_metrics(torch.device(args.device), not args.no_lpips_fid)
     for metric, why in skipped.items():
         print(f"{metric}: skipped ({why})")
     rows = QUICK_ROWS if args.quick else None
-    print(f"MNIST: {len(data['train'])} train / {len(data['val'])} validation images; tables "
-          f"{tables}; {config.steps} steps, batch {config.batch_size}, on {config.device}",
-          flush=True)
+    print(
+        f"MNIST: {len(data['train'])} train / {len(data['val'])} validation images; tables "
+        f"{tables}; {config.steps} steps, batch {config.batch_size}, on {config.device}",
+        flush=True,
+    )
     start = time.perf_counter()
-    results = run_tables(tables, data, config, scorers,
-                         log=lambda line: print(line, flush=True), rows=rows)
+    results = run_tables(
+        tables, data, config, scorers, log=lambda line: print(line, flush=True), rows=rows
+    )
     text = write_outputs(results, config, skipped, args.out)
     print()
     print(text)
-    print(f"wrote {args.out}/table.md, results.json, usage.png "
-          f"({(time.perf_counter() - start) / 60:.1f} min)")
+    print(
+        f"wrote {args.out}/table.md, results.json, usage.png "
+        f"({(time.perf_counter() - start) / 60:.1f} min)"
+    )
 
 
 if __name__ == "__main__":

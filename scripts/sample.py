@@ -19,8 +19,13 @@ from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from pipelines.sampling import (image_labels, is_conditional, load_pipeline, sample_images,
-                                training_config)
+from pipelines.sampling import (
+    image_labels,
+    is_conditional,
+    load_pipeline,
+    sample_images,
+    training_config,
+)
 
 
 def main() -> None:
@@ -35,8 +40,11 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--class-labels", help="comma-separated labels, cycled over the images")
-    labels.add_argument("--classes-uniform", action="store_true",
-                        help="draw each image's label uniformly (the default)")
+    labels.add_argument(
+        "--classes-uniform",
+        action="store_true",
+        help="draw each image's label uniformly (the default)",
+    )
     args = parser.parse_args()
 
     accelerator = Accelerator()
@@ -49,17 +57,28 @@ def main() -> None:
     if not conditional and args.class_labels:
         sys.exit("--class-labels: this pipeline is unconditional")
     given = [int(c) for c in args.class_labels.split(",")] if args.class_labels else None
-    steps = args.steps or int((training_config(args.pipeline).get("train") or {})
-                              .get("sample_steps", 50))
-    mine = list(range(args.num_images))[accelerator.process_index::accelerator.num_processes]
+    steps = args.steps or int(
+        (training_config(args.pipeline).get("train") or {}).get("sample_steps", 50)
+    )
+    mine = list(range(args.num_images))[accelerator.process_index :: accelerator.num_processes]
     args.out.mkdir(parents=True, exist_ok=True)
-    for start in tqdm(range(0, len(mine), args.batch_size), disable=not
-                      accelerator.is_local_main_process, desc=f"sampling ({steps} steps)"):
-        ids = mine[start:start + args.batch_size]
+    for start in tqdm(
+        range(0, len(mine), args.batch_size),
+        disable=not accelerator.is_local_main_process,
+        desc=f"sampling ({steps} steps)",
+    ):
+        ids = mine[start : start + args.batch_size]
         labels = image_labels(ids, args.seed, pipe.num_classes, given) if conditional else None
-        images = sample_images(pipe, ids, seed=args.seed, steps=steps, eta=args.eta,
-                               guidance_scale=args.guidance_scale, labels=labels,
-                               output_type="pil")
+        images = sample_images(
+            pipe,
+            ids,
+            seed=args.seed,
+            steps=steps,
+            eta=args.eta,
+            guidance_scale=args.guidance_scale,
+            labels=labels,
+            output_type="pil",
+        )
         for k, (i, image) in enumerate(zip(ids, images)):
             suffix = f"_class{labels[k]}" if conditional else ""
             image.save(args.out / f"{i:06d}{suffix}.png")

@@ -31,8 +31,10 @@ def main() -> None:
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)
-    run_training(lambda: train_diffusion(config, args.tokenizer, output_dir, resume=args.resume),
-                 errors=(StaleCacheError,))
+    run_training(
+        lambda: train_diffusion(config, args.tokenizer, output_dir, resume=args.resume),
+        errors=(StaleCacheError,),
+    )
 
 
 if __name__ == "__main__":

@@ -18,10 +18,14 @@ def write_fake_inception(path):
     Kaiming-initialised: with PyTorch's default (small) initialisation every image gets nearly
     the same features and every FID comes out ~0, which would hide broken plumbing."""
     import torch_fidelity.feature_extractor_inceptionv3 as fe
+
     torch.manual_seed(0)
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict",
-                              lambda self, state: None):
+    with (
+        mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None),
+        mock.patch.object(
+            fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None
+        ),
+    ):
         model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     for module in model.modules():
         if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
@@ -33,6 +37,7 @@ def write_fake_inception(path):
 @pytest.fixture(scope="session")
 def fake_inception_file(tmp_path_factory):
     from engine.fid import INCEPTION_FILE
+
     return write_fake_inception(tmp_path_factory.mktemp("weights") / INCEPTION_FILE)
 
 
@@ -58,3 +63,87 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+TINY_TOKENIZER = dict(
+    resolution=16,
+    ch=16,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    z_channels=8,
+    embed_dim=4,
+    norm_groups=4,
+    quantizer="cvq",
+    quantizer_options={"num_codes": 16},
+)  # latents 4×8×8
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """Makes a tiny random tokenizer (seed 0): ``TINY_TOKENIZER`` with any argument overridden."""
+    from tokenizer import VQTokenizer
+
+    def make(**overrides):
+        torch.manual_seed(0)
+        return VQTokenizer(**{**TINY_TOKENIZER, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def save_pipeline(tiny_tokenizer):
+    """Saves a tiny random pipeline (unconditional, or with ``num_classes``) into a folder."""
+    from diffusers import UNet2DModel
+
+    from pipelines import (
+        ClassConditionalLatentDiffusionPipeline,
+        LatentDiffusionPipeline,
+        default_scheduler,
+    )
+
+    def save(path, num_classes=0):
+        vqvae = tiny_tokenizer().eval()
+        unet = UNet2DModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+            num_class_embeds=num_classes + 1 if num_classes else None,
+        )
+        cls = ClassConditionalLatentDiffusionPipeline if num_classes else LatentDiffusionPipeline
+        cls(vqvae=vqvae, unet=unet, scheduler=default_scheduler()).save_pretrained(path)
+        return path
+
+    return save
+
+
+# how an error says what is allowed instead
+ALLOWED = r"allowed|expected|must|choose|pick|accepts"
+
+
+@pytest.fixture(scope="session")
+def assert_config_refused():
+    """Checks that a whole config (``cls``) made of ``base`` with ``change`` merged in fails
+    everything a run checks before building, in one line matching ``message`` and saying what
+    is allowed."""
+    import json
+    import re
+
+    from engine.config import ConfigError, from_mapping
+    from engine.data import check_source_exists
+
+    def check(cls, base: dict, change: dict, message: str) -> None:
+        config = json.loads(json.dumps(base))
+        for section, values in change.items():
+            config.setdefault(section, {}).update(values)
+        with pytest.raises(ConfigError, match=message) as error:
+            check_source_exists(from_mapping(cls, config).data)
+        text = str(error.value)
+        assert "\n" not in text and re.search(ALLOWED, text), text
+
+    return check

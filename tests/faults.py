@@ -12,14 +12,14 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import torch
 from safetensors.torch import load_file
 
-from launch import ROOT
+from tests.launch import ROOT
 
 
 def _child(main: Callable[[], None], argv: list[str], env: dict, log: str) -> None:
@@ -31,8 +31,9 @@ def _child(main: Callable[[], None], argv: list[str], env: dict, log: str) -> No
     sys.stdout = sys.stderr = stream
     # pytest records warnings in the parent; the child prints them as a script run would
     warnings.resetwarnings()
-    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: (
         stream.write(warnings.formatwarning(message, category, filename, lineno, line))
+    )
     sys.argv = ["train"] + argv
     main()
 
@@ -76,8 +77,11 @@ def steps(checkpoints: Path) -> list[int]:
     """Steps of the complete (renamed) checkpoints."""
     if not checkpoints.is_dir():
         return []
-    return sorted(int(p.name[5:]) for p in checkpoints.iterdir()
-                  if p.name.startswith("step_") and not p.name.endswith(".partial"))
+    return sorted(
+        int(p.name[5:])
+        for p in checkpoints.iterdir()
+        if p.name.startswith("step_") and not p.name.endswith(".partial")
+    )
 
 
 def partials(checkpoints: Path) -> list[Path]:
@@ -102,8 +106,9 @@ def _same(a, b, where: str) -> None:
 def assert_same_state(a: Path, b: Path) -> None:
     """Two checkpoints hold bit-identical weights, optimizer, scheduler and our own states."""
     names = sorted(p.name for p in a.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
-    assert names == sorted(p.name for p in b.iterdir()
-                           if p.suffix in (".safetensors", ".bin", ".pt"))
+    assert names == sorted(
+        p.name for p in b.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")
+    )
     assert "model.safetensors" in names and "optimizer.bin" in names
     for name in names:
         if name.endswith(".safetensors"):
@@ -115,15 +120,39 @@ def assert_same_state(a: Path, b: Path) -> None:
 
 # --- two real processes through accelerate launch, killable -------------------------------
 
-def launch_two(script: Path, args: list[str], port: int, log: Path) -> "Launched":
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(port), str(script), *args]
+
+def launch_two(script: Path, args: list[str], port: int, log: Path) -> Launched:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        str(script),
+        *args,
+    ]
     # its own session: the launcher and both workers can be killed as one group
-    return Launched(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log.open("w"),
-                                     stderr=subprocess.STDOUT, start_new_session=True), log)
+    return Launched(
+        subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=ROOT,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        ),
+        log,
+    )
 
 
 class Launched:

@@ -6,15 +6,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from engine.fid import frechet_distance, inception_features
+
 from .metrics import CodebookUsage, psnr, ssim
 from .model import VQTokenizer
 
 
 @torch.no_grad()
-def evaluate_tokenizer(model: VQTokenizer, dataset: Dataset, batch_size: int = 32,
-                       lpips: torch.nn.Module | None = None,
-                       inception: torch.nn.Module | None = None,
-                       max_images: int | None = None, num_workers: int = 0) -> dict:
+def evaluate_tokenizer(
+    model: VQTokenizer,
+    dataset: Dataset,
+    batch_size: int = 32,
+    lpips: torch.nn.Module | None = None,
+    inception: torch.nn.Module | None = None,
+    max_images: int | None = None,
+    num_workers: int = 0,
+) -> dict:
     """Reconstruct ``dataset`` (items with ``pixel_values`` in [-1, 1]) and return a dict with
     ``images``, ``psnr`` and ``ssim`` (means), ``l1``, ``usage`` (fraction of codes hit at least
     once over the whole set), ``perplexity`` (of the pooled code histogram), and ``lpips`` /
@@ -47,9 +53,11 @@ def evaluate_tokenizer(model: VQTokenizer, dataset: Dataset, batch_size: int = 3
     if n == 0:
         raise ValueError("the evaluation set is empty")
     report = {k: v / n for k, v in sums.items()}
-    report.update(images=n, usage=usage.usage, perplexity=usage.perplexity,
-                  num_codes=usage.counts.numel())
+    report.update(
+        images=n, usage=usage.usage, perplexity=usage.perplexity, num_codes=usage.counts.numel()
+    )
     report["lpips"] = report["lpips"] if lpips is not None else None
-    report["rfid"] = (frechet_distance(torch.cat(real), torch.cat(fake))
-                      if inception is not None else None)
+    report["rfid"] = (
+        frechet_distance(torch.cat(real), torch.cat(fake)) if inception is not None else None
+    )
     return report

@@ -70,10 +70,13 @@ class PatchDiscriminator(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         channels = ndf
         for n in range(1, n_layers + 1):
-            out = ndf * min(2 ** n, 8)
+            out = ndf * min(2**n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(channels, out, 4, stride, 1, bias=bias), _NORMS[norm](out),
-                       nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(channels, out, 4, stride, 1, bias=bias),
+                _NORMS[norm](out),
+                nn.LeakyReLU(0.2, True),
+            ]
             channels = out
         layers.append(nn.Conv2d(channels, 1, 4, 1, 1))
         self.main = nn.Sequential(*layers)
@@ -106,16 +109,24 @@ def build_lpips(pretrained: bool = True) -> nn.Module:
     from torchvision.models import VGG16_Weights
 
     if pretrained:
-        cached_weights(VGG16_Weights.IMAGENET1K_V1.url, "LPIPS (its VGG16 backbone)",
-                       "or set `perceptual_weight: 0` in the loss config to train without LPIPS")
+        cached_weights(
+            VGG16_Weights.IMAGENET1K_V1.url,
+            "LPIPS (its VGG16 backbone)",
+            "or set `perceptual_weight: 0` in the loss config to train without LPIPS",
+        )
     with warnings.catch_warnings():  # torchvision's "pretrained is deprecated" warning
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net="vgg", pnet_rand=not pretrained, verbose=False)
     return model.eval().requires_grad_(False)
 
 
-def adaptive_weight(nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor, disc_weight: float,
-                    max_weight: float = 1e4) -> Tensor:
+def adaptive_weight(
+    nll_loss: Tensor,
+    g_loss: Tensor,
+    last_layer: Tensor,
+    disc_weight: float,
+    max_weight: float = 1e4,
+) -> Tensor:
     """Esser et al. 2021, Eq. 7: λ = ‖∇_L nll‖ / (‖∇_L g‖ + 1e-4), clamped to [0, max_weight],
     detached, times ``disc_weight``; ∇_L is the gradient w.r.t. the decoder's last layer weight."""
     (nll_grad,) = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)
@@ -155,12 +166,24 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "loss")
-        require(self.pixel_loss in ("l1", "l2"), "loss.pixel_loss", self.pixel_loss,
-                "choose 'l1' or 'l2'")
-        require(self.disc_loss in _D_LOSSES, "loss.disc_loss", self.disc_loss,
-                f"choose one of {list(_D_LOSSES)}")
-        require(self.disc_norm in _NORMS, "loss.disc_norm", self.disc_norm,
-                f"choose one of {list(_NORMS)}")
+        require(
+            self.pixel_loss in ("l1", "l2"),
+            "loss.pixel_loss",
+            self.pixel_loss,
+            "choose 'l1' or 'l2'",
+        )
+        require(
+            self.disc_loss in _D_LOSSES,
+            "loss.disc_loss",
+            self.disc_loss,
+            f"choose one of {list(_D_LOSSES)}",
+        )
+        require(
+            self.disc_norm in _NORMS,
+            "loss.disc_norm",
+            self.disc_norm,
+            f"choose one of {list(_NORMS)}",
+        )
         for f in fields(self):  # numbers: >= 0, sizes >= 1
             if f.type in ("int", "float"):
                 low = 1 if f.name in ("disc_layers", "disc_channels", "disc_in_channels") else 0
@@ -178,12 +201,16 @@ class VQGANLoss(nn.Module):
         cfg = config if isinstance(config, LossConfig) else from_mapping(LossConfig, config, "loss")
         self.config = cfg
         self.lpips = build_lpips(lpips_pretrained) if cfg.perceptual_weight > 0 else None
-        self.discriminator = (PatchDiscriminator(cfg.disc_in_channels, cfg.disc_channels,
-                                                 cfg.disc_layers, cfg.disc_norm)
-                              if cfg.disc_weight > 0 else None)
+        self.discriminator = (
+            PatchDiscriminator(
+                cfg.disc_in_channels, cfg.disc_channels, cfg.disc_layers, cfg.disc_norm
+            )
+            if cfg.disc_weight > 0
+            else None
+        )
         self.d_loss_fn = _D_LOSSES[cfg.disc_loss]
 
-    def train(self, mode: bool = True) -> "VQGANLoss":
+    def train(self, mode: bool = True) -> VQGANLoss:
         super().train(mode)
         if self.lpips is not None:
             self.lpips.eval()  # frozen metric: its dropout must stay off
@@ -201,8 +228,14 @@ class VQGANLoss(nn.Module):
         params = {name: p.detach() for name, p in d.named_parameters()}
         return torch.func.functional_call(d, params, (x,))
 
-    def generator_loss(self, inputs: Tensor, reconstructions: Tensor, quantizer_loss: Tensor,
-                       last_layer: Tensor, step: int) -> tuple[Tensor, dict[str, float]]:
+    def generator_loss(
+        self,
+        inputs: Tensor,
+        reconstructions: Tensor,
+        quantizer_loss: Tensor,
+        last_layer: Tensor,
+        step: int,
+    ) -> tuple[Tensor, dict[str, float]]:
         """nll + λ·factor·(−E[D(x̂)]) + codebook_weight·quantizer_loss; images in [−1, 1].
         λ (Eq. 7) falls back to 0 when it cannot be differentiated (no_grad / evaluation)."""
         cfg, diff = self.config, inputs - reconstructions
@@ -210,8 +243,10 @@ class VQGANLoss(nn.Module):
         rec = cfg.pixel_weight * pixel
         perceptual = pixel.new_zeros(())
         if self.lpips is not None:  # grey images are repeated to RGB for LPIPS-VGG
-            rgb = [t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t.contiguous()
-                   for t in (inputs, reconstructions)]
+            rgb = [
+                t.expand(-1, 3, -1, -1) if t.shape[1] == 1 else t.contiguous()
+                for t in (inputs, reconstructions)
+            ]
             perceptual = self.lpips(*rgb)
             rec = rec + cfg.perceptual_weight * perceptual  # B×1×1×1, broadcast over pixels
         nll = rec.mean()
@@ -222,14 +257,23 @@ class VQGANLoss(nn.Module):
             if torch.is_grad_enabled() and nll.requires_grad and g_loss.requires_grad:
                 d_weight = adaptive_weight(nll, g_loss, last_layer, cfg.disc_weight)
         total = nll + d_weight * factor * g_loss + cfg.codebook_weight * quantizer_loss
-        logs = {"total": total, "nll": nll, "pixel": pixel.mean(), "perceptual": perceptual.mean(),
-                "g_loss": g_loss, "d_weight": d_weight, "quantizer": quantizer_loss}
-        values = torch.stack([torch.as_tensor(v).detach().float().reshape(()).to(nll.device)
-                              for v in logs.values()]).tolist()  # one device sync
+        logs = {
+            "total": total,
+            "nll": nll,
+            "pixel": pixel.mean(),
+            "perceptual": perceptual.mean(),
+            "g_loss": g_loss,
+            "d_weight": d_weight,
+            "quantizer": quantizer_loss,
+        }
+        values = torch.stack(
+            [torch.as_tensor(v).detach().float().reshape(()).to(nll.device) for v in logs.values()]
+        ).tolist()  # one device sync
         return total, {**dict(zip(logs, values)), "disc_factor": float(factor)}
 
-    def discriminator_loss(self, inputs: Tensor, reconstructions: Tensor,
-                           step: int) -> tuple[Tensor, dict[str, float]]:
+    def discriminator_loss(
+        self, inputs: Tensor, reconstructions: Tensor, step: int
+    ) -> tuple[Tensor, dict[str, float]]:
         """factor·d_loss(D(x), D(x̂)) on detached images. Before ``disc_start`` (see
         ``disc_active``) D is not run and a constant zero (requires_grad False) comes back:
         the trainer must skip backward/step then."""

@@ -36,7 +36,7 @@ class CodebookUsage:
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-x**2 / (2 * sigma**2))
+    g = torch.exp(-(x**2) / (2 * sigma**2))
     g /= g.sum()
     return g[:, None] * g[None, :]
 

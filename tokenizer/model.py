@@ -31,8 +31,11 @@ class ResnetBlock(nn.Module):
         self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.shortcut = (nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels
-                         else nn.Identity())
+        self.shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1)
+            if in_channels != out_channels
+            else nn.Identity()
+        )
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -85,14 +88,26 @@ def _level(in_ch, out_ch, blocks, attn, dropout, groups) -> nn.ModuleList:
 
 
 def _mid(channels, dropout, groups) -> nn.Sequential:
-    return nn.Sequential(ResnetBlock(channels, channels, dropout, groups),
-                         AttnBlock(channels, groups),
-                         ResnetBlock(channels, channels, dropout, groups))
+    return nn.Sequential(
+        ResnetBlock(channels, channels, dropout, groups),
+        AttnBlock(channels, groups),
+        ResnetBlock(channels, channels, dropout, groups),
+    )
 
 
 class Encoder(nn.Module):
-    def __init__(self, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
-                 resolution, z_channels, groups):
+    def __init__(
+        self,
+        in_channels,
+        ch,
+        ch_mult,
+        num_res_blocks,
+        attn_resolutions,
+        dropout,
+        resolution,
+        z_channels,
+        groups,
+    ):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.levels = nn.ModuleList()
@@ -100,8 +115,9 @@ class Encoder(nn.Module):
         res, in_ch = resolution, ch
         for i, mult in enumerate(ch_mult):
             out_ch = ch * mult
-            self.levels.append(_level(in_ch, out_ch, num_res_blocks, res in attn_resolutions,
-                                      dropout, groups))
+            self.levels.append(
+                _level(in_ch, out_ch, num_res_blocks, res in attn_resolutions, dropout, groups)
+            )
             last = i == len(ch_mult) - 1
             self.downsamples.append(nn.Identity() if last else Downsample(out_ch))
             res = res if last else res // 2
@@ -121,8 +137,18 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, out_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
-                 resolution, z_channels, groups):
+    def __init__(
+        self,
+        out_channels,
+        ch,
+        ch_mult,
+        num_res_blocks,
+        attn_resolutions,
+        dropout,
+        resolution,
+        z_channels,
+        groups,
+    ):
         super().__init__()
         in_ch = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
@@ -132,8 +158,9 @@ class Decoder(nn.Module):
         self.upsamples = nn.ModuleList()
         for i, mult in reversed(list(enumerate(ch_mult))):
             out_ch = ch * mult
-            self.levels.append(_level(in_ch, out_ch, num_res_blocks + 1,
-                                      res in attn_resolutions, dropout, groups))
+            self.levels.append(
+                _level(in_ch, out_ch, num_res_blocks + 1, res in attn_resolutions, dropout, groups)
+            )
             self.upsamples.append(Upsample(out_ch) if i > 0 else nn.Identity())
             res = res * 2 if i > 0 else res
             in_ch = out_ch
@@ -181,16 +208,34 @@ class VQTokenizer(ModelMixin, ConfigMixin):
     _keep_in_fp32_modules = ["vector_quantizer"]
 
     @register_to_config
-    def __init__(self, in_channels: int = 3, out_channels: int = 3, resolution: int = 256,
-                 ch: int = 128, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
-                 num_res_blocks: int = 2, attn_resolutions: tuple[int, ...] = (16,),
-                 dropout: float = 0.0, z_channels: int = 256, embed_dim: int = 256,
-                 norm_groups: int = 32, quantizer: str = "cvq",
-                 quantizer_options: dict | None = None, scaling_factor: float = 1.0):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        resolution: int = 256,
+        ch: int = 128,
+        ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
+        num_res_blocks: int = 2,
+        attn_resolutions: tuple[int, ...] = (16,),
+        dropout: float = 0.0,
+        z_channels: int = 256,
+        embed_dim: int = 256,
+        norm_groups: int = 32,
+        quantizer: str = "cvq",
+        quantizer_options: dict | None = None,
+        scaling_factor: float = 1.0,
+    ):
         super().__init__()
-        arch = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
-                    attn_resolutions=tuple(attn_resolutions), dropout=dropout,
-                    resolution=resolution, z_channels=z_channels, groups=norm_groups)
+        arch = dict(
+            ch=ch,
+            ch_mult=tuple(ch_mult),
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=tuple(attn_resolutions),
+            dropout=dropout,
+            resolution=resolution,
+            z_channels=z_channels,
+            groups=norm_groups,
+        )
         self.encoder = Encoder(in_channels, **arch)
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         options = dict(quantizer_options or {})

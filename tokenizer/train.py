@@ -16,8 +16,14 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast, set_seed
 from torchvision.utils import save_image
 
-from engine.config import (ConfigError, check_section, check_types, require, signature_hints,
-                           to_mapping)
+from engine.config import (
+    ConfigError,
+    check_section,
+    check_types,
+    require,
+    signature_hints,
+    to_mapping,
+)
 from engine.data import DataConfig, build_dataset, check_source_exists
 from engine.distributed import check_replicas_agree
 from engine.run import Run, check_precision, seeded_batches
@@ -66,15 +72,30 @@ class TrainConfig:
 
     def __post_init__(self):
         check_types(self, "train")
-        for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every",
-                    "image_every", "checkpoint_every", "keep_checkpoints",
-                    "max_nonfinite_steps"):
+        for key in (
+            "max_steps",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "log_every",
+            "image_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_nonfinite_steps",
+        ):
             require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
         require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
-        require(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
-                self.mixed_precision, 'choose "no", "fp16" or "bf16"')
-        require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
-                "train.adam_betas", self.adam_betas, "two numbers in [0, 1)")
+        require(
+            self.mixed_precision in ("no", "fp16", "bf16"),
+            "train.mixed_precision",
+            self.mixed_precision,
+            'choose "no", "fp16" or "bf16"',
+        )
+        require(
+            len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+            "train.adam_betas",
+            self.adam_betas,
+            "two numbers in [0, 1)",
+        )
         require(self.num_workers >= 0, "train.num_workers", self.num_workers, "must be >= 0")
 
 
@@ -89,45 +110,78 @@ class TokenizerConfig:
     train: TrainConfig
 
     def __post_init__(self):
-        model = self.model = check_section("model", self.model,
-                                           signature_hints(VQTokenizer.__init__))
-        for key in ("resolution", "in_channels", "out_channels", "ch", "z_channels", "embed_dim",
-                    "norm_groups"):
+        model = self.model = check_section(
+            "model", self.model, signature_hints(VQTokenizer.__init__)
+        )
+        for key in (
+            "resolution",
+            "in_channels",
+            "out_channels",
+            "ch",
+            "z_channels",
+            "embed_dim",
+            "norm_groups",
+        ):
             if key in model:
                 require(model[key] >= 1, f"model.{key}", model[key], "must be >= 1")
-        require(model.get("num_res_blocks", 0) >= 0, "model.num_res_blocks",
-                model.get("num_res_blocks"), "must be >= 0")
-        require(all(m >= 1 for m in model.get("ch_mult", [1])), "model.ch_mult",
-                model.get("ch_mult"), "every multiplier must be >= 1")
+        require(
+            model.get("num_res_blocks", 0) >= 0,
+            "model.num_res_blocks",
+            model.get("num_res_blocks"),
+            "must be >= 0",
+        )
+        require(
+            all(m >= 1 for m in model.get("ch_mult", [1])),
+            "model.ch_mult",
+            model.get("ch_mult"),
+            "every multiplier must be >= 1",
+        )
         try:  # impossible architectures and quantizer options, cheaply, on the meta device
             with torch.device("meta"):
                 VQTokenizer(**model)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model: {e}") from None
         resolution = model.get("resolution", 256)
-        require(self.data.resolution == resolution, "data.resolution", self.data.resolution,
-                f"must equal model.resolution ({resolution})")
+        require(
+            self.data.resolution == resolution,
+            "data.resolution",
+            self.data.resolution,
+            f"must equal model.resolution ({resolution})",
+        )
         in_channels, out_channels = model.get("in_channels", 3), model.get("out_channels", 3)
-        require(self.data.channels == in_channels, "data.channels", self.data.channels,
-                f"must equal model.in_channels ({in_channels})")
-        require(self.loss.disc_weight == 0 or self.loss.disc_in_channels == out_channels,
-                "loss.disc_in_channels", self.loss.disc_in_channels,
-                f"must equal model.out_channels ({out_channels})")
+        require(
+            self.data.channels == in_channels,
+            "data.channels",
+            self.data.channels,
+            f"must equal model.in_channels ({in_channels})",
+        )
+        require(
+            self.loss.disc_weight == 0 or self.loss.disc_in_channels == out_channels,
+            "loss.disc_in_channels",
+            self.loss.disc_in_channels,
+            f"must equal model.out_channels ({out_channels})",
+        )
         if self.loss.disc_weight > 0 and self.loss.disc_start >= self.train.max_steps:
-            warnings.warn(f"loss.disc_start={self.loss.disc_start} >= train.max_steps="
-                          f"{self.train.max_steps}: the discriminator will never be used",
-                          stacklevel=2)
+            warnings.warn(
+                f"loss.disc_start={self.loss.disc_start} >= train.max_steps="
+                f"{self.train.max_steps}: the discriminator will never be used",
+                stacklevel=2,
+            )
 
 
-def train_tokenizer(config: TokenizerConfig, output_dir: str | Path,
-                    resume: str | None = None) -> Path:
+def train_tokenizer(
+    config: TokenizerConfig, output_dir: str | Path, resume: str | None = None
+) -> Path:
     """Train, checkpoint, and export ``output_dir/tokenizer``; returns that folder."""
     train = config.train
     check_source_exists(config.data)  # before anything is built (configs may name absent data)
     output_dir = Path(output_dir)
-    accelerator = Accelerator(mixed_precision=train.mixed_precision,
-                              gradient_accumulation_steps=train.gradient_accumulation_steps,
-                              log_with="tensorboard", project_dir=str(output_dir))
+    accelerator = Accelerator(
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+    )
     check_precision(accelerator)
     set_seed(train.seed)
     model = VQTokenizer(**config.model)
@@ -142,27 +196,44 @@ def train_tokenizer(config: TokenizerConfig, output_dir: str | Path,
     model, opt_g = accelerator.prepare(model, opt_g)
     opt_d = None
     if loss_fn.discriminator is not None:
-        opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=lr,
-                                 betas=tuple(train.adam_betas))
+        opt_d = torch.optim.Adam(
+            loss_fn.discriminator.parameters(), lr=lr, betas=tuple(train.adam_betas)
+        )
         loss_fn.discriminator, opt_d = accelerator.prepare(loss_fn.discriminator, opt_d)
     trained = [model] if opt_d is None else [model, loss_fn.discriminator]
-    run = Run(accelerator, output_dir, to_mapping(config), {}, resume=resume,
-              max_steps=train.max_steps, checkpoint_every=train.checkpoint_every,
-              keep_checkpoints=train.keep_checkpoints,
-              max_nonfinite_steps=train.max_nonfinite_steps, name="tokenizer")
+    run = Run(
+        accelerator,
+        output_dir,
+        to_mapping(config),
+        {},
+        resume=resume,
+        max_steps=train.max_steps,
+        checkpoint_every=train.checkpoint_every,
+        keep_checkpoints=train.keep_checkpoints,
+        max_nonfinite_steps=train.max_nonfinite_steps,
+        name="tokenizer",
+    )
 
     unwrapped = accelerator.unwrap_model(model)
     fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
-    batches = seeded_batches(train_set, train.batch_size, train.gradient_accumulation_steps,
-                             train.seed, train.num_workers, accelerator, run.step)
+    batches = seeded_batches(
+        train_set,
+        train.batch_size,
+        train.gradient_accumulation_steps,
+        train.seed,
+        train.num_workers,
+        accelerator,
+        run.step,
+    )
     for step in run.steps():
         for _ in range(train.gradient_accumulation_steps):
             x = next(batches)["pixel_values"].to(accelerator.device)
             with accelerator.accumulate(*trained):
                 out = model(x)
                 with accelerator.autocast():
-                    g_loss, logs = loss_fn.generator_loss(x, out.sample, out.quantized.loss,
-                                                          unwrapped.last_layer, step)
+                    g_loss, logs = loss_fn.generator_loss(
+                        x, out.sample, out.quantized.loss, unwrapped.last_layer, step
+                    )
                 if not run.finite(g_loss):
                     break
                 accelerator.backward(g_loss)
@@ -202,8 +273,7 @@ def train_tokenizer(config: TokenizerConfig, output_dir: str | Path,
         unwrapped.save_pretrained(export)
         skipped = sorted(set(train_set.skipped) | set(val_set.skipped))
         if skipped:
-            accelerator.print(f"{len(skipped)} unreadable file(s) were skipped, e.g. "
-                              f"{skipped[:3]}")
+            accelerator.print(f"{len(skipped)} unreadable file(s) were skipped, e.g. {skipped[:3]}")
         accelerator.print(f"tokenizer exported to {export}")
     accelerator.end_training()
     return export

@@ -5,8 +5,8 @@ also the loop of the table reproductions (``tokenizer.experiments.reproduce``)."
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,11 +32,17 @@ class Result:
     seconds: float
 
 
-def build_model(kind: str, options: dict, in_channels: int = 1, hidden: int = 64,
-                embed_dim: int = 64) -> SmallVQVAE:
+def build_model(
+    kind: str, options: dict, in_channels: int = 1, hidden: int = 64, embed_dim: int = 64
+) -> SmallVQVAE:
     """The small VQ-VAE (residual hidden = hidden / 4, as 128 → 32 in the papers' code)."""
-    return SmallVQVAE(build_quantizer(kind, **options), in_channels=in_channels, hidden=hidden,
-                      residual_hidden=hidden // 4, embed_dim=embed_dim)
+    return SmallVQVAE(
+        build_quantizer(kind, **options),
+        in_channels=in_channels,
+        hidden=hidden,
+        residual_hidden=hidden // 4,
+        embed_dim=embed_dim,
+    )
 
 
 def _synchronize(device: torch.device) -> None:
@@ -44,8 +50,15 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train(model: SmallVQVAE, images: torch.Tensor, steps: int, batch_size: int, lr: float,
-          every: int = 0, callback: Callable[[int], None] | None = None) -> float:
+def train(
+    model: SmallVQVAE,
+    images: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    every: int = 0,
+    callback: Callable[[int], None] | None = None,
+) -> float:
     """``steps`` Adam steps on random batches of ``images`` (drawn with the global CPU RNG, so
     the batches do not depend on the device) with the papers' VQ-VAE objective,
     MSE / data variance + quantizer loss. Calls ``callback(step)`` every ``every`` steps (its
@@ -71,8 +84,9 @@ def train(model: SmallVQVAE, images: torch.Tensor, steps: int, batch_size: int, 
 
 
 @torch.no_grad()
-def evaluate(model: SmallVQVAE, images: torch.Tensor,
-             chunk: int = 250) -> tuple[dict[str, float], torch.Tensor]:
+def evaluate(
+    model: SmallVQVAE, images: torch.Tensor, chunk: int = 250
+) -> tuple[dict[str, float], torch.Tensor]:
     """Codebook usage and perplexity over all of ``images``, and mean PSNR / SSIM / L1 (on
     [0, 1] pixels). Returns the metrics and the reconstructions (on the CPU)."""
     model.eval()
@@ -83,18 +97,31 @@ def evaluate(model: SmallVQVAE, images: torch.Tensor,
         meter.update(q.counts)
         recons.append(recon.clamp(-1, 1).float().cpu())
     recon, target = torch.cat(recons), images.float().cpu()
-    scores = {"usage": meter.usage, "perplexity": meter.perplexity,
-              "psnr": sum(psnr(r, t) * len(r) for r, t in zip(recon.split(chunk),
-                                                               target.split(chunk))).item()
-              / len(target),
-              "ssim": ssim(recon, target).mean().item(),
-              "l1": ((recon - target.clamp(-1, 1)).abs() / 2).mean().item()}
+    scores = {
+        "usage": meter.usage,
+        "perplexity": meter.perplexity,
+        "psnr": sum(
+            psnr(r, t) * len(r) for r, t in zip(recon.split(chunk), target.split(chunk))
+        ).item()
+        / len(target),
+        "ssim": ssim(recon, target).mean().item(),
+        "l1": ((recon - target.clamp(-1, 1)).abs() / 2).mean().item(),
+    }
     return scores, recon
 
 
-def train_and_evaluate(name: str, kind: str, options: dict, data: dict[str, torch.Tensor],
-                       steps: int = 300, batch_size: int = 128, lr: float = 1e-3,
-                       hidden: int = 64, embed_dim: int = 64, seed: int = 0) -> Result:
+def train_and_evaluate(
+    name: str,
+    kind: str,
+    options: dict,
+    data: dict[str, torch.Tensor],
+    steps: int = 300,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    hidden: int = 64,
+    embed_dim: int = 64,
+    seed: int = 0,
+) -> Result:
     """Train for ``steps`` Adam steps on ``data["train"]`` with loss MSE/variance + quantizer
     loss (the papers' VQ-VAE objective), then measure on ``data["val"]``."""
     torch.manual_seed(seed)
@@ -105,9 +132,10 @@ def train_and_evaluate(name: str, kind: str, options: dict, data: dict[str, torc
 
 
 def format_table(results: list[Result]) -> str:
-    lines = ["| quantizer | usage | perplexity | PSNR (dB) | train time |",
-             "|---|---|---|---|---|"]
+    lines = ["| quantizer | usage | perplexity | PSNR (dB) | train time |", "|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.name} | {100 * r.usage:.1f}% | {r.perplexity:.1f} | {r.psnr:.2f} "
-                     f"| {r.seconds:.0f} s |")
+        lines.append(
+            f"| {r.name} | {100 * r.usage:.1f}% | {r.perplexity:.1f} | {r.psnr:.2f} "
+            f"| {r.seconds:.0f} s |"
+        )
     return "\n".join(lines)

@@ -21,9 +21,12 @@ def load_digits(resolution: int = 16, validation: int = 297) -> dict[str, torch.
     if not 0 < validation < len(images):
         raise ValueError(f"validation must be between 1 and {len(images) - 1}, got {validation}")
     cut = len(images) - validation
-    return {"train": images[:cut], "train_labels": labels[:cut],
-            "val": images[cut:], "val_labels": labels[cut:]}
-
+    return {
+        "train": images[:cut],
+        "train_labels": labels[:cut],
+        "val": images[cut:],
+        "val_labels": labels[cut:],
+    }
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -39,16 +42,19 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_mnist_idx(images: str | os.PathLike, labels: str | os.PathLike,
-                   validation: int = 1000) -> dict[str, torch.Tensor]:
+def load_mnist_idx(
+    images: str | os.PathLike, labels: str | os.PathLike, validation: int = 1000
+) -> dict[str, torch.Tensor]:
     """MNIST IDX files as N×1×28×28 floats in [-1, 1] with labels; the last ``validation``
     images form the fixed validation split (no shuffling). Returns
     ``{"train", "train_labels", "val", "val_labels"}`` like :func:`load_digits`."""
     for path in (images, labels):
         if not Path(path).is_file():
-            raise FileNotFoundError(f"MNIST file {str(path)!r} not found: put the IDX files "
-                                    "(e.g. t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) "
-                                    "there or point to their directory")
+            raise FileNotFoundError(
+                f"MNIST file {str(path)!r} not found: put the IDX files "
+                "(e.g. t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz) "
+                "there or point to their directory"
+            )
     x = torch.from_numpy(read_idx(images).copy()).float().unsqueeze(1) / 127.5 - 1
     y = torch.from_numpy(read_idx(labels).astype(np.int64))
     if len(x) != len(y):

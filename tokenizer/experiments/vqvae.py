@@ -13,8 +13,12 @@ from ..quantizers import QuantizerOutput
 class _Residual(nn.Module):
     def __init__(self, channels: int, hidden: int):
         super().__init__()
-        self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(channels, hidden, 3, padding=1),
-                                   nn.ReLU(), nn.Conv2d(hidden, channels, 1))
+        self.block = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden, channels, 1),
+        )
 
     def forward(self, x):
         return x + self.block(x)
@@ -28,21 +32,33 @@ class SmallVQVAE(nn.Module):
     """Image (B×in_channels×H×W, H and W divisible by 4) → latents (B×embed_dim×H/4×W/4) →
     ``quantizer`` → image."""
 
-    def __init__(self, quantizer: nn.Module, in_channels: int = 1, hidden: int = 128,
-                 residual_layers: int = 2, residual_hidden: int = 32, embed_dim: int = 64):
+    def __init__(
+        self,
+        quantizer: nn.Module,
+        in_channels: int = 1,
+        hidden: int = 128,
+        residual_layers: int = 2,
+        residual_hidden: int = 32,
+        embed_dim: int = 64,
+    ):
         super().__init__()
         self.encoder = nn.Sequential(
-            nn.Conv2d(in_channels, hidden // 2, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(hidden // 2, hidden, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(in_channels, hidden // 2, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden // 2, hidden, 4, stride=2, padding=1),
+            nn.ReLU(),
             nn.Conv2d(hidden, hidden, 3, padding=1),
             _residual_stack(hidden, residual_hidden, residual_layers),
-            nn.Conv2d(hidden, embed_dim, 1))
+            nn.Conv2d(hidden, embed_dim, 1),
+        )
         self.quantizer = quantizer
         self.decoder = nn.Sequential(
             nn.Conv2d(embed_dim, hidden, 3, padding=1),
             _residual_stack(hidden, residual_hidden, residual_layers),
-            nn.ConvTranspose2d(hidden, hidden // 2, 4, stride=2, padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(hidden // 2, in_channels, 4, stride=2, padding=1))
+            nn.ConvTranspose2d(hidden, hidden // 2, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(hidden // 2, in_channels, 4, stride=2, padding=1),
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
         q = self.quantizer(self.encoder(x))

@@ -36,11 +36,21 @@ def build_quantizer(kind: str, **options) -> Quantizer:
     allowed = quantizer_options(kind)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for quantizer {kind!r}; "
-                         f"allowed: {allowed}")
+        raise ValueError(f"unknown option(s) {unknown} for quantizer {kind!r}; allowed: {allowed}")
     return QUANTIZERS[kind](**options)
 
 
-__all__ = ["ANCHORS", "QUANTIZERS", "ClusteredQuantizer", "LooCQuantizer", "Quantizer",
-           "QuantizerOutput", "VectorQuantizer", "best_feature_per_code", "build_quantizer",
-           "nearest_code", "perplexity", "quantizer_options"]
+__all__ = [
+    "ANCHORS",
+    "QUANTIZERS",
+    "ClusteredQuantizer",
+    "LooCQuantizer",
+    "Quantizer",
+    "QuantizerOutput",
+    "VectorQuantizer",
+    "best_feature_per_code",
+    "build_quantizer",
+    "nearest_code",
+    "perplexity",
+    "quantizer_options",
+]

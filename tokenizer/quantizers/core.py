@@ -54,17 +54,29 @@ class Quantizer(nn.Module):
     what happens to the codebook after each training step (``_update_codebook``).
     """
 
-    def __init__(self, num_codes: int = 1024, code_dim: int = 64, beta: float = 0.25,
-                 distance: str = "l2", max_search_elements: int = DEFAULT_MAX_ELEMENTS):
+    def __init__(
+        self,
+        num_codes: int = 1024,
+        code_dim: int = 64,
+        beta: float = 0.25,
+        distance: str = "l2",
+        max_search_elements: int = DEFAULT_MAX_ELEMENTS,
+    ):
         super().__init__()
-        _check(isinstance(num_codes, int) and num_codes >= 1,
-               f"num_codes (K) must be an integer >= 1, got {num_codes!r}")
-        _check(isinstance(code_dim, int) and code_dim >= 1,
-               f"code_dim must be an integer >= 1, got {code_dim!r}")
+        _check(
+            isinstance(num_codes, int) and num_codes >= 1,
+            f"num_codes (K) must be an integer >= 1, got {num_codes!r}",
+        )
+        _check(
+            isinstance(code_dim, int) and code_dim >= 1,
+            f"code_dim must be an integer >= 1, got {code_dim!r}",
+        )
         _check(beta >= 0, f"beta (commitment weight) must be >= 0, got {beta!r}")
         _check(distance in DISTANCES, f"distance must be one of {DISTANCES}, got {distance!r}")
-        _check(max_search_elements >= 1,
-               f"max_search_elements must be >= 1, got {max_search_elements!r}")
+        _check(
+            max_search_elements >= 1,
+            f"max_search_elements must be >= 1, got {max_search_elements!r}",
+        )
         self.num_codes = num_codes
         self.code_dim = code_dim
         self.beta = beta
@@ -72,16 +84,19 @@ class Quantizer(nn.Module):
         self.max_search_elements = max_search_elements
         # VQ-VAE's initialisation, U(−1/K, 1/K), as in the papers' code: far from the data,
         # which is what makes plain VQ collapse and what CVQ repairs.
-        self.codebook = nn.Parameter(torch.empty(num_codes, code_dim).uniform_(-1 / num_codes,
-                                                                               1 / num_codes))
+        self.codebook = nn.Parameter(
+            torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes)
+        )
 
     # --- layout -------------------------------------------------------------------------------
     def _to_rows(self, z: torch.Tensor) -> torch.Tensor:
         """B×C×H×W → (B·H·W)×C."""
         _check(z.dim() == 4, f"expected z of shape B×C×H×W, got shape {tuple(z.shape)}")
-        _check(z.shape[1] == self.code_dim,
-               f"z has C={z.shape[1]} channels but code_dim={self.code_dim}; set code_dim to "
-               "the encoder's embed_dim")
+        _check(
+            z.shape[1] == self.code_dim,
+            f"z has C={z.shape[1]} channels but code_dim={self.code_dim}; set code_dim to "
+            "the encoder's embed_dim",
+        )
         return z.permute(0, 2, 3, 1).reshape(-1, self.code_dim)
 
     def _index_shape(self, z: torch.Tensor) -> tuple[int, ...]:
@@ -99,15 +114,17 @@ class Quantizer(nn.Module):
         """‖sg[z] − e‖² (Eq. 3, second term): moves the codebook toward the features."""
         return F.mse_loss(quantized, rows.detach())
 
-    def _update_codebook(self, rows: torch.Tensor, indices: torch.Tensor,
-                         counts: torch.Tensor) -> torch.Tensor | None:
+    def _update_codebook(
+        self, rows: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor | None:
         """Non-gradient codebook update after a training step; may return an extra loss."""
         return None
 
     # --- public API ---------------------------------------------------------------------------
     def search(self, rows: torch.Tensor) -> torch.Tensor:
-        return nearest_code(rows, self.codebook.detach().float(), self.distance,
-                            self.max_search_elements)
+        return nearest_code(
+            rows, self.codebook.detach().float(), self.distance, self.max_search_elements
+        )
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         in_dtype = z.dtype
@@ -127,9 +144,15 @@ class Quantizer(nn.Module):
             indices = flat_indices.view(self._index_shape(zf))
             z_hat = self._assemble(quantized, indices)
             z_q = straight_through(zf, z_hat).to(in_dtype)
-        return QuantizerOutput(z_q=z_q, loss=loss, indices=indices, counts=counts,
-                               perplexity=perplexity(counts), codebook_loss=codebook_loss,
-                               commitment_loss=commitment_loss)
+        return QuantizerOutput(
+            z_q=z_q,
+            loss=loss,
+            indices=indices,
+            counts=counts,
+            perplexity=perplexity(counts),
+            codebook_loss=codebook_loss,
+            commitment_loss=commitment_loss,
+        )
 
     @torch.no_grad()
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
@@ -139,5 +162,7 @@ class Quantizer(nn.Module):
         return self._assemble(quantized, indices)
 
     def extra_repr(self) -> str:
-        return (f"num_codes={self.num_codes}, code_dim={self.code_dim}, beta={self.beta}, "
-                f"distance={self.distance!r}")
+        return (
+            f"num_codes={self.num_codes}, code_dim={self.code_dim}, beta={self.beta}, "
+            f"distance={self.distance!r}"
+        )

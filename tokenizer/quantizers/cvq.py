@@ -47,18 +47,31 @@ class ClusteredQuantizer(Quantizer):
     ``initialised`` (the offline variant's flag).
     """
 
-    def __init__(self, num_codes: int = 1024, code_dim: int = 64, beta: float = 0.25,
-                 distance: str = "cosine", anchor: str = "probabilistic", decay: float = 0.99,
-                 epsilon: float = 1e-3, online: bool = True, contrastive_weight: float = 0.0,
-                 contrastive_temperature: float = 0.07, **common):
+    def __init__(
+        self,
+        num_codes: int = 1024,
+        code_dim: int = 64,
+        beta: float = 0.25,
+        distance: str = "cosine",
+        anchor: str = "probabilistic",
+        decay: float = 0.99,
+        epsilon: float = 1e-3,
+        online: bool = True,
+        contrastive_weight: float = 0.0,
+        contrastive_temperature: float = 0.07,
+        **common,
+    ):
         super().__init__(num_codes, code_dim, beta, distance, **common)
         _check(anchor in ANCHORS, f"anchor must be one of {ANCHORS}, got {anchor!r}")
         _check(0 < decay < 1, f"decay (gamma) must be in (0, 1), got {decay!r}")
         _check(epsilon >= 0, f"epsilon must be >= 0, got {epsilon!r}")
-        _check(contrastive_weight >= 0,
-               f"contrastive_weight must be >= 0, got {contrastive_weight!r}")
-        _check(contrastive_temperature > 0,
-               f"contrastive_temperature must be > 0, got {contrastive_temperature!r}")
+        _check(
+            contrastive_weight >= 0, f"contrastive_weight must be >= 0, got {contrastive_weight!r}"
+        )
+        _check(
+            contrastive_temperature > 0,
+            f"contrastive_temperature must be > 0, got {contrastive_temperature!r}",
+        )
         self.anchor = anchor
         self.decay = decay
         self.epsilon = epsilon
@@ -80,15 +93,21 @@ class ClusteredQuantizer(Quantizer):
         gen = self._generator(rows.device)
         if self.anchor in ("closest", "probabilistic"):
             score, where = best_feature_per_code(
-                rows, self.codebook.detach().float(), self.distance,
-                gumbel=self.anchor == "probabilistic", generator=gen,
-                max_elements=self.max_search_elements)
+                rows,
+                self.codebook.detach().float(),
+                self.distance,
+                gumbel=self.anchor == "probabilistic",
+                generator=gen,
+                max_elements=self.max_search_elements,
+            )
         else:
             if self.anchor == "random":
                 where = torch.randint(0, n, (k,), generator=gen, device=rows.device)
             else:  # unique; with fewer features than codes, repeats are unavoidable
-                perms = [torch.randperm(n, generator=gen, device=rows.device)
-                         for _ in range(math.ceil(k / n))]
+                perms = [
+                    torch.randperm(n, generator=gen, device=rows.device)
+                    for _ in range(math.ceil(k / n))
+                ]
                 where = torch.cat(perms)[:k]
             score = torch.rand(k, generator=gen, device=rows.device)
         return pick_best_across_processes(score, rows[where])
@@ -121,13 +140,16 @@ class ClusteredQuantizer(Quantizer):
         self._update_usage(counts)
         if self.online or not bool(self.initialised):
             with torch.no_grad():
-                alpha = torch.exp(-self.usage * self.num_codes * 10 / (1 - self.decay)
-                                  - self.epsilon)
+                alpha = torch.exp(
+                    -self.usage * self.num_codes * 10 / (1 - self.decay) - self.epsilon
+                )
                 self.codebook.lerp_(self._anchors(rows), alpha.unsqueeze(1))
                 self.initialised.fill_(True)
         return extra
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", anchor={self.anchor!r}, decay={self.decay}, "
-                                       f"online={self.online}, "
-                                       f"contrastive_weight={self.contrastive_weight}")
+        return super().extra_repr() + (
+            f", anchor={self.anchor!r}, decay={self.decay}, "
+            f"online={self.online}, "
+            f"contrastive_weight={self.contrastive_weight}"
+        )

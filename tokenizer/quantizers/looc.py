@@ -30,30 +30,42 @@ class LooCQuantizer(ClusteredQuantizer):
         first call.
     """
 
-    def __init__(self, num_codes: int = 256, code_dim: int = 4, beta: float = 0.25,
-                 distance: str = "cosine", interp_scale: int = 2, in_channels: int | None = None,
-                 **options):
+    def __init__(
+        self,
+        num_codes: int = 256,
+        code_dim: int = 4,
+        beta: float = 0.25,
+        distance: str = "cosine",
+        interp_scale: int = 2,
+        in_channels: int | None = None,
+        **options,
+    ):
         super().__init__(num_codes, code_dim, beta, distance, **options)
-        _check(isinstance(interp_scale, int) and interp_scale >= 1,
-               f"interp_scale (beta of LooC) must be an integer >= 1, got {interp_scale!r} "
-               "(use 1 to turn extrapolation-by-interpolation off)")
+        _check(
+            isinstance(interp_scale, int) and interp_scale >= 1,
+            f"interp_scale (beta of LooC) must be an integer >= 1, got {interp_scale!r} "
+            "(use 1 to turn extrapolation-by-interpolation off)",
+        )
         self.interp_scale = interp_scale
         self.in_channels = in_channels
         if in_channels is not None:
             self._check_channels(in_channels)
 
     def _check_channels(self, channels: int) -> None:
-        _check(channels % self.code_dim == 0,
-               f"LooC splits each feature vector into m = C/d* segments, but C={channels} is not "
-               f"divisible by code_dim d*={self.code_dim}; pick a d* that divides {channels} "
-               f"or change the encoder's embed_dim to a multiple of {self.code_dim}")
+        _check(
+            channels % self.code_dim == 0,
+            f"LooC splits each feature vector into m = C/d* segments, but C={channels} is not "
+            f"divisible by code_dim d*={self.code_dim}; pick a d* that divides {channels} "
+            f"or change the encoder's embed_dim to a multiple of {self.code_dim}",
+        )
 
     def _to_rows(self, z: torch.Tensor) -> torch.Tensor:
         _check(z.dim() == 4, f"expected z of shape B×C×H×W, got shape {tuple(z.shape)}")
         self._check_channels(z.shape[1])
         if self.interp_scale > 1:
-            z = F.interpolate(z, scale_factor=self.interp_scale, mode="bilinear",
-                              align_corners=False)
+            z = F.interpolate(
+                z, scale_factor=self.interp_scale, mode="bilinear", align_corners=False
+            )
         return z.permute(0, 2, 3, 1).reshape(-1, self.code_dim)
 
     def _index_shape(self, z: torch.Tensor) -> tuple[int, ...]:

@@ -26,8 +26,9 @@ def _prepare(codebook: torch.Tensor, distance: str) -> tuple[torch.Tensor, torch
     return codebook, codebook.pow(2).sum(1)
 
 
-def _scores(x: torch.Tensor, codes: torch.Tensor, code_sq: torch.Tensor | None,
-            per_code: bool = False) -> torch.Tensor:
+def _scores(
+    x: torch.Tensor, codes: torch.Tensor, code_sq: torch.Tensor | None, per_code: bool = False
+) -> torch.Tensor:
     """Similarity of each row of ``x`` to each code: n×K, or K×n with ``per_code=True`` (the
     layout whose rows a max over features runs along). The n×K l2 score omits the per-row
     constant −‖x‖², which does not change a row's argmax; the K×n one is the full score."""
@@ -47,8 +48,12 @@ def _chunks(n: int, k: int, max_elements: int):
 
 
 @torch.no_grad()
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2",
-                 max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+def nearest_code(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    distance: str = "l2",
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> torch.Tensor:
     """Index of the closest code for every row of ``x`` (N×d) in ``codebook`` (K×d): Eq. 2 of
     CVQ-VAE, argmin over codes of the distance. Returns a long tensor of length N."""
     codes, code_sq = _prepare(codebook, distance)
@@ -59,10 +64,14 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2",
 
 
 @torch.no_grad()
-def best_feature_per_code(x: torch.Tensor, codebook: torch.Tensor, distance: str = "l2",
-                          gumbel: bool = False, generator: torch.Generator | None = None,
-                          max_elements: int = DEFAULT_MAX_ELEMENTS
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def best_feature_per_code(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    distance: str = "l2",
+    gumbel: bool = False,
+    generator: torch.Generator | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For every code, the row of ``x`` with the highest score and that score (two tensors of
     length K).
 

@@ -21,9 +21,17 @@ class VectorQuantizer(Quantizer):
       ema_epsilon: Laplace smoothing constant (1e-5).
     """
 
-    def __init__(self, num_codes: int = 1024, code_dim: int = 64, beta: float = 0.25,
-                 distance: str = "l2", ema: bool = False, ema_decay: float = 0.99,
-                 ema_epsilon: float = 1e-5, **common):
+    def __init__(
+        self,
+        num_codes: int = 1024,
+        code_dim: int = 64,
+        beta: float = 0.25,
+        distance: str = "l2",
+        ema: bool = False,
+        ema_decay: float = 0.99,
+        ema_epsilon: float = 1e-5,
+        **common,
+    ):
         super().__init__(num_codes, code_dim, beta, distance, **common)
         _check(0 < ema_decay < 1, f"ema_decay must be in (0, 1), got {ema_decay!r}")
         self.ema = ema
@@ -49,10 +57,15 @@ class VectorQuantizer(Quantizer):
         self.ema_cluster_size.lerp_(counts, 1 - self.ema_decay)
         self.ema_embed_sum.lerp_(sums, 1 - self.ema_decay)
         total = self.ema_cluster_size.sum()
-        smoothed = ((self.ema_cluster_size + self.ema_epsilon)
-                    / (total + self.num_codes * self.ema_epsilon) * total)
+        smoothed = (
+            (self.ema_cluster_size + self.ema_epsilon)
+            / (total + self.num_codes * self.ema_epsilon)
+            * total
+        )
         self.codebook.copy_(self.ema_embed_sum / smoothed.unsqueeze(1))
         return None
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", ema=True, ema_decay={self.ema_decay}" if self.ema else "")
+        return super().extra_repr() + (
+            f", ema=True, ema_decay={self.ema_decay}" if self.ema else ""
+        )

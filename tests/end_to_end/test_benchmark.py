@@ -5,30 +5,44 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+from tests.launch import ROOT
+
+pytestmark = pytest.mark.slow  # subprocesses, two processes: minutes
+
 FAMILIES = ("quantizer", "tokenizer", "unet", "sampling", "inception", "cache", "data")
 
 
 def benchmark(*args, tmp_path):
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"),  # no cached Inception weights
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "scripts/benchmark.py", "--size", "tiny", "--device",
-                           "cpu", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=env)
+    env = {
+        **os.environ,
+        "TORCH_HOME": str(tmp_path / "torch"),  # no cached Inception weights
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--size", "tiny", "--device", "cpu", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
 def table_rows(stdout):
-    return [line for line in stdout.splitlines()
-            if line.startswith("| ") and not line.startswith("| what")]
+    return [
+        line
+        for line in stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| what")
+    ]
 
 
 def test_every_row_family_is_timed_and_written_as_json(tmp_path):
-    stdout = benchmark("--random-inception", "--json", tmp_path / "rows.json",
-                       tmp_path=tmp_path)
+    stdout = benchmark("--random-inception", "--json", tmp_path / "rows.json", tmp_path=tmp_path)
     assert stdout.startswith("Device: CPU") and "torch " in stdout
     data = json.loads((tmp_path / "rows.json").read_text())
     assert data["size"] == "tiny" and data["device"] == "cpu"
@@ -50,10 +64,19 @@ def test_every_row_family_is_timed_and_written_as_json(tmp_path):
 
 
 def test_only_selects_rows_and_inception_without_weights_is_skipped(tmp_path):
-    stdout = benchmark("--only", "tokenizer,inception", "--tokenizer-config",
-                       "configs/tokenizer/digits_cvq.yaml", "--steps", "1", tmp_path=tmp_path)
+    stdout = benchmark(
+        "--only",
+        "tokenizer,inception",
+        "--tokenizer-config",
+        "configs/tokenizer/digits_cvq.yaml",
+        "--steps",
+        "1",
+        tmp_path=tmp_path,
+    )
     rows = table_rows(stdout)
     assert len(rows) == 2
-    assert "| tokenizer training, fp32 eager | configs/tokenizer/digits_cvq.yaml, batch 4 |" in rows[0]
+    assert (
+        "| tokenizer training, fp32 eager | configs/tokenizer/digits_cvq.yaml, batch 4 |" in rows[0]
+    )
     assert "images/s" in rows[0]
     assert rows[1].startswith("| Inception v3 features") and "skipped: no weights" in rows[1]

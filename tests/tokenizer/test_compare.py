@@ -1,14 +1,12 @@
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
+from tests.launch import ROOT
 from tokenizer.experiments.compare import format_table, train_and_evaluate
 from tokenizer.experiments.mnist import load_digits
 from tokenizer.metrics import CodebookUsage, psnr
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_digits_are_real_and_split():
@@ -34,19 +32,40 @@ def test_psnr_and_usage_by_hand():
 def test_training_improves_reconstruction():
     data = load_digits(16)
     data = {"train": data["train"][:256], "val": data["val"][:64]}
-    before = train_and_evaluate("looc", "looc", dict(num_codes=16, code_dim=4), data, steps=0,
-                                batch_size=32, hidden=16, embed_dim=16)
-    after = train_and_evaluate("looc", "looc", dict(num_codes=16, code_dim=4), data, steps=80, lr=3e-3,
-                               batch_size=32, hidden=16, embed_dim=16)
+    before = train_and_evaluate(
+        "looc",
+        "looc",
+        dict(num_codes=16, code_dim=4),
+        data,
+        steps=0,
+        batch_size=32,
+        hidden=16,
+        embed_dim=16,
+    )
+    after = train_and_evaluate(
+        "looc",
+        "looc",
+        dict(num_codes=16, code_dim=4),
+        data,
+        steps=80,
+        lr=3e-3,
+        batch_size=32,
+        hidden=16,
+        embed_dim=16,
+    )
     assert after.psnr > before.psnr + 3
     assert 0 < after.usage <= 1 and 1 <= after.perplexity <= 16
     assert "| looc |" in format_table([after])
 
 
 def test_comparison_script_runs():
-    done = subprocess.run([sys.executable, "scripts/compare_quantizers.py", "--steps", "2",
-                           "--batch-size", "8"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "scripts/compare_quantizers.py", "--steps", "2", "--batch-size", "8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     for name in ("VQ 256x64", "CVQ 256x64", "LooC 64x4"):
         assert f"| {name} |" in done.stdout

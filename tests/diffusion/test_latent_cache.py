@@ -6,36 +6,34 @@ import os
 
 import pytest
 import torch
-from launch import ROOT, launch_two_processes
 
-from diffusion.latent_cache import (LatentCache, StaleCacheError, build_latent_cache,
-                                    measure_scaling_factor, tokenizer_fingerprint)
-from tokenizer import VQTokenizer
+from diffusion.latent_cache import (
+    LatentCache,
+    StaleCacheError,
+    build_latent_cache,
+    measure_scaling_factor,
+    tokenizer_fingerprint,
+)
 from engine.data import build_dataset
+from tests.launch import ROOT, launch_two_processes
 
-TINY = dict(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-            z_channels=8, embed_dim=4, norm_groups=4, quantizer="cvq",
-            quantizer_options={"num_codes": 16})
 DATA = {"source": "digits", "resolution": 16, "validation_size": 97}
 SHARD = 256  # 1,700 train items → 7 shards, the last one partial
 
 
-def tiny(**overrides) -> VQTokenizer:
-    torch.manual_seed(0)
-    return VQTokenizer(**{**TINY, **overrides})
-
-
 @pytest.fixture(scope="module")
-def tokenizer():
-    return tiny()
+def tokenizer(tiny_tokenizer):
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def data():
     dataset = build_dataset(DATA)
     items = [dataset[i] for i in range(len(dataset))]
-    return (torch.stack([item["pixel_values"] for item in items]),
-            torch.stack([item["label"] for item in items]))
+    return (
+        torch.stack([item["pixel_values"] for item in items]),
+        torch.stack([item["label"] for item in items]),
+    )
 
 
 @torch.no_grad()
@@ -85,8 +83,10 @@ def test_round_trip_and_metadata(tokenizer, data, built):
     assert meta == cache.metadata
     assert meta["complete"] is True and meta["format"] == 2
     assert meta["tokenizer_fingerprint"] == tokenizer_fingerprint(tokenizer)
-    assert meta["tokenizer_config"]["embed_dim"] == 4 and "scaling_factor" not in \
-        meta["tokenizer_config"]
+    assert (
+        meta["tokenizer_config"]["embed_dim"] == 4
+        and "scaling_factor" not in meta["tokenizer_config"]
+    )
     assert meta["data"]["resolution"] == 16 and meta["data"]["validation_size"] == 97
     assert (meta["part"], meta["quantized"], meta["flips"]) == ("train", True, False)
     assert (meta["latent_shape"], meta["count"], meta["shard_size"]) == ([4, 8, 8], 1700, SHARD)
@@ -105,8 +105,9 @@ def test_unquantized_latents(tokenizer, data, tmp_path):
     assert torch.equal(cache.load()[1], labels)
 
 
-def test_flips_interleave_mirrored_images_from_one_decode(tokenizer, data, built, tmp_path,
-                                                          monkeypatch):
+def test_flips_interleave_mirrored_images_from_one_decode(
+    tokenizer, data, built, tmp_path, monkeypatch
+):
     images, labels = data
     calls = count_encodes(monkeypatch, tokenizer)
     cache = build_latent_cache(tokenizer, DATA, tmp_path, flips=True, shard_size=SHARD)
@@ -143,21 +144,24 @@ def test_random_augmentations_are_replaced_by_fixed_views(tokenizer, built, monk
     assert (cache.metadata["data"]["flip"], cache.metadata["data"]["crop"]) == (False, "center")
 
 
-@pytest.mark.parametrize("change, message", [
-    ("weights", "tokenizer weights differ"),
-    ("config", "tokenizer.quantizer_options {'num_codes': 16} vs {'num_codes': 32}"),
-    ("resolution", "data.resolution 16 vs 32"),
-    ("quantized", "quantized True vs False"),
-    ("part", "part 'train' vs 'validation'"),
-])
-def test_stale_cache_is_refused(built, change, message):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("weights", "tokenizer weights differ"),
+        ("config", "tokenizer.quantizer_options {'num_codes': 16} vs {'num_codes': 32}"),
+        ("resolution", "data.resolution 16 vs 32"),
+        ("quantized", "quantized True vs False"),
+        ("part", "part 'train' vs 'validation'"),
+    ],
+)
+def test_stale_cache_is_refused(built, change, message, tiny_tokenizer):
     root, _ = built
-    tokenizer, data, options = tiny(), dict(DATA), {}
+    tokenizer, data, options = tiny_tokenizer(), dict(DATA), {}
     if change == "weights":
         with torch.no_grad():
             tokenizer.encoder.conv_in.bias.add_(0.01)
     elif change == "config":
-        tokenizer = tiny(quantizer_options={"num_codes": 32})
+        tokenizer = tiny_tokenizer(quantizer_options={"num_codes": 32})
     elif change == "resolution":
         data["resolution"] = 32
     elif change == "quantized":
@@ -202,8 +206,7 @@ def test_resume_after_kill_encodes_only_missing_shards(tokenizer, built, monkeyp
 def test_measure_scaling_factor(tokenizer, data, built):
     # merged from the 7 shards' moments, computed while they were written
     reference = encode(tokenizer, data[0]).double()
-    assert measure_scaling_factor(built[1]) == pytest.approx(1 / reference.std().item(),
-                                                             rel=1e-12)
+    assert measure_scaling_factor(built[1]) == pytest.approx(1 / reference.std().item(), rel=1e-12)
     assert built[1].metadata["latent_mean"] == pytest.approx(reference.mean().item(), abs=1e-12)
 
 
@@ -215,13 +218,17 @@ def test_half_precision_storage(tokenizer, built, tmp_path, dtype):
     assert latents.dtype == torch.float32 and torch.equal(labels, built[1].load()[1])
     assert torch.equal(latents, full.to(getattr(torch, dtype)).float())
     assert sum(p.stat().st_size for p in tmp_path.glob("shard-*")) < 0.55 * sum(
-        p.stat().st_size for p in built[0].glob("shard-*"))
+        p.stat().st_size for p in built[0].glob("shard-*")
+    )
     with pytest.raises(StaleCacheError, match=f"dtype '{dtype}' vs 'float32'"):
         build_latent_cache(tokenizer, DATA, tmp_path, shard_size=SHARD)
 
 
-def test_cache_of_an_older_format_is_refused_with_the_rebuild_command(built, tmp_path):
+def test_cache_of_an_older_format_is_refused_with_the_rebuild_command(
+    built, tmp_path, tiny_tokenizer
+):
     import shutil
+
     root = tmp_path / "old"
     shutil.copytree(built[0], root)
     meta = json.loads((root / "metadata.json").read_text())
@@ -229,11 +236,12 @@ def test_cache_of_an_older_format_is_refused_with_the_rebuild_command(built, tmp
     with pytest.raises(StaleCacheError, match=f"format 1.*rm -r {root}.*train_diffusion"):
         LatentCache(root)
     with pytest.raises(StaleCacheError, match="format 1 vs 2"):
-        build_latent_cache(tiny(), DATA, root, shard_size=SHARD)
+        build_latent_cache(tiny_tokenizer(), DATA, root, shard_size=SHARD)
 
 
 def test_items_and_batches_read_the_mapped_shards(built):
     import pickle
+
     _, cache = built
     latents, labels = cache.load()
     index = [1699, 0, 300, 5, 256, 255]  # across shards, in any order
@@ -251,15 +259,15 @@ def test_items_and_batches_read_the_mapped_shards(built):
         cache[1700]
 
 
-def test_fingerprint_covers_config_and_weights_but_not_scaling_factor():
-    a, b = tiny(), tiny()
+def test_fingerprint_covers_config_and_weights_but_not_scaling_factor(tiny_tokenizer):
+    a, b = tiny_tokenizer(), tiny_tokenizer()
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
     b.register_to_config(scaling_factor=0.25)
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
     with torch.no_grad():
         b.decoder.conv_out.weight[0, 0, 0, 0] += 1e-3
     assert tokenizer_fingerprint(a) != tokenizer_fingerprint(b)
-    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(tiny(quantizer="vq"))
+    assert tokenizer_fingerprint(a) != tokenizer_fingerprint(tiny_tokenizer(quantizer="vq"))
 
 
 def test_opening_a_folder_that_is_no_cache_names_the_fix(tmp_path):
@@ -268,11 +276,13 @@ def test_opening_a_folder_that_is_no_cache_names_the_fix(tmp_path):
     assert str(tmp_path) in str(error.value) and "build_latent_cache" in str(error.value)
 
 
+@pytest.mark.slow
 def test_two_process_build_matches_single_process(built, tmp_path):
     root, reports = tmp_path / "cache", tmp_path / "reports"
     reports.mkdir()
-    launch_two_processes(ROOT / "tests" / "latent_cache_worker.py", str(root), str(reports),
-                         port=29541)
+    launch_two_processes(
+        ROOT / "tests" / "workers" / "latent_cache_worker.py", str(root), str(reports), port=29541
+    )
     ranks = [json.loads((reports / f"rank-{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["cache_length"] for r in ranks] == [1700, 1700]

@@ -22,16 +22,21 @@ import pytest
 import torch
 from PIL import Image
 
-from launch import ROOT
-from tokenizer import VQTokenizer
 from engine.config import parse_yaml
+from tests.launch import ROOT
+from tokenizer import VQTokenizer
 
 TOKENIZER_RECIPES = sorted((ROOT / "configs" / "tokenizer").glob("*.yaml"))
 DIFFUSION_RECIPES = sorted((ROOT / "configs" / "diffusion").glob("*.yaml"))
 # the tokenizer recipe whose latents each diffusion recipe is trained on (its header says so)
-TOKENIZER_OF = {"digits_cond": "digits_demo", "digits_uncond": "digits_demo",
-                "ffhq": "ffhq_f8_cvq", "imagenet_cin": "imagenet_f8_cvq",
-                "lsun_bedrooms": "lsun_bedrooms_f8_cvq", "lsun_churches": "lsun_churches_f8_cvq"}
+TOKENIZER_OF = {
+    "digits_cond": "digits_demo",
+    "digits_uncond": "digits_demo",
+    "ffhq": "ffhq_f8_cvq",
+    "imagenet_cin": "imagenet_f8_cvq",
+    "lsun_bedrooms": "lsun_bedrooms_f8_cvq",
+    "lsun_churches": "lsun_churches_f8_cvq",
+}
 # local image folders named by the recipes, and their layout
 FOLDERS = {"data/imagenet/train": "classes", "data/ffhq": "flat"}
 HUB = {"uoft-cs/cifar10", "ylecun/mnist"}  # stood in for by a parquet file of the same columns
@@ -59,6 +64,7 @@ def miniature_source(data: dict, folder: Path, side: int) -> str:
         return source
     if source.startswith("lsun:"):
         import lmdb
+
         env = lmdb.open(str(folder / "lmdb"), map_size=1 << 26)
         with env.begin(write=True) as txn:
             for i in range(count):
@@ -67,6 +73,7 @@ def miniature_source(data: dict, folder: Path, side: int) -> str:
         return f"lsun:{folder / 'lmdb'}"
     if source in HUB:
         import datasets
+
         image, label = data.get("image_column", "image"), data.get("label_column")
         mode = "L" if data.get("channels", 3) == 1 else "RGB"
         columns = {image: [_noise(side, i, mode) for i in range(count)]}
@@ -87,21 +94,26 @@ def miniature_source(data: dict, folder: Path, side: int) -> str:
 
 
 def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900,
-                          env={**os.environ, **(env or {})})
+    done = subprocess.run(
+        [sys.executable, f"scripts/{script}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **(env or {})},
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
 
 
 def test_every_shipped_recipe_has_a_miniature():
     assert {p.stem for p in DIFFUSION_RECIPES} == set(TOKENIZER_OF)
-    assert {f"{name}.yaml" for name in TOKENIZER_OF.values()} <= \
-        {p.name for p in TOKENIZER_RECIPES}
+    assert {f"{name}.yaml" for name in TOKENIZER_OF.values()} <= {p.name for p in TOKENIZER_RECIPES}
     for path in TOKENIZER_RECIPES + DIFFUSION_RECIPES:
         source = parse_yaml(path.read_text())["data"]["source"]
-        assert source == "digits" or source.startswith("lsun:") or source in HUB | set(FOLDERS), \
+        assert source == "digits" or source.startswith("lsun:") or source in HUB | set(FOLDERS), (
             f"{path.name}: no miniature dataset for {source!r}"
+        )
 
 
 @pytest.mark.slow
@@ -110,15 +122,27 @@ def test_tokenizer_recipe_as_shipped(path, tmp_path, vgg_torch_home):
     recipe = parse_yaml(path.read_text())
     side = min(recipe["model"]["resolution"], 32)
     source = miniature_source(recipe["data"], tmp_path, side + 8)
-    overrides = [f"data.source={source}", f"data.resolution={side}",
-                 f"model.resolution={side}", f"model.ch={WIDTH}",
-                 "train.max_steps=3", "train.batch_size=2"]
+    overrides = [
+        f"data.source={source}",
+        f"data.resolution={side}",
+        f"model.resolution={side}",
+        f"model.ch={WIDTH}",
+        "train.max_steps=3",
+        "train.batch_size=2",
+    ]
     gan = recipe["loss"].get("disc_weight", 0.8) > 0
     if gan:
         overrides += ["loss.disc_start=1", "loss.disc_channels=8"]
     out = tmp_path / "run"
-    run("train_tokenizer.py", "--config", str(path), "--output-dir", str(out), *overrides,
-        env={"TORCH_HOME": str(vgg_torch_home)})
+    run(
+        "train_tokenizer.py",
+        "--config",
+        str(path),
+        "--output-dir",
+        str(out),
+        *overrides,
+        env={"TORCH_HOME": str(vgg_torch_home)},
+    )
     tokenizer = VQTokenizer.from_pretrained(out / "tokenizer")
     assert tokenizer.config.quantizer == recipe["model"]["quantizer"]
     assert dict(tokenizer.config.quantizer_options) == recipe["model"]["quantizer_options"]
@@ -133,10 +157,20 @@ def test_tokenizer_recipe_in_bf16_resumes(tmp_path, vgg_torch_home):
     """ImageNet f16 LooC (bf16, LPIPS, GAN from step 1): 2 steps, then resumed to 4."""
     path = ROOT / "configs" / "tokenizer" / "imagenet_f16_looc.yaml"
     source = miniature_source(parse_yaml(path.read_text())["data"], tmp_path, 40)
-    common = ["--config", str(path), "--output-dir", str(tmp_path / "run"),
-              f"data.source={source}", "data.resolution=32", "model.resolution=32",
-              f"model.ch={WIDTH}", "train.batch_size=2", "loss.disc_start=1",
-              "loss.disc_channels=8", "train.checkpoint_every=2"]
+    common = [
+        "--config",
+        str(path),
+        "--output-dir",
+        str(tmp_path / "run"),
+        f"data.source={source}",
+        "data.resolution=32",
+        "model.resolution=32",
+        f"model.ch={WIDTH}",
+        "train.batch_size=2",
+        "loss.disc_start=1",
+        "loss.disc_channels=8",
+        "train.checkpoint_every=2",
+    ]
     env = {"TORCH_HOME": str(vgg_torch_home)}
     run("train_tokenizer.py", *common, "train.max_steps=2", env=env)
     done = run("train_tokenizer.py", *common, "train.max_steps=4", "--resume", "latest", env=env)
@@ -149,23 +183,38 @@ def test_tokenizer_recipe_in_bf16_resumes(tmp_path, vgg_torch_home):
 @pytest.mark.parametrize("path", DIFFUSION_RECIPES, ids=lambda p: p.stem)
 def test_diffusion_recipe_as_shipped(path, tmp_path, fake_inception_file):
     recipe = parse_yaml(path.read_text())
-    stage_one = parse_yaml((ROOT / "configs" / "tokenizer" /
-                            f"{TOKENIZER_OF[path.stem]}.yaml").read_text())["model"]
+    stage_one = parse_yaml(
+        (ROOT / "configs" / "tokenizer" / f"{TOKENIZER_OF[path.stem]}.yaml").read_text()
+    )["model"]
     unet = recipe["unet"]
     levels = len(unet["block_out_channels"])
     factor = 2 ** (len(stage_one["ch_mult"]) - 1)
-    side = (recipe["data"]["resolution"] if recipe["data"]["source"] == "digits"
-            else factor * 2 ** (levels - 1))  # the fewest latents the UNet's levels allow
+    side = (
+        recipe["data"]["resolution"]
+        if recipe["data"]["source"] == "digits"
+        else factor * 2 ** (levels - 1)
+    )  # the fewest latents the UNet's levels allow
     torch.manual_seed(0)  # stage one's architecture and quantizer, untrained and narrow
     VQTokenizer(**{**stage_one, "resolution": side, "ch": WIDTH}).save_pretrained(
-        tmp_path / "stage_one" / "tokenizer")
+        tmp_path / "stage_one" / "tokenizer"
+    )
     width = math.lcm(unet["norm_num_groups"], unet["attention_head_dim"])
     source = miniature_source(recipe["data"], tmp_path, side + 8)
     out = tmp_path / "run"
-    common = ["--config", str(path), "--tokenizer", str(tmp_path / "stage_one" / "tokenizer"),
-              "--output-dir", str(out), f"data.source={source}", f"data.resolution={side}",
-              f"unet.block_out_channels={[width] * levels}", "train.batch_size=2",
-              "train.sample_steps=4", "train.checkpoint_every=2"]
+    common = [
+        "--config",
+        str(path),
+        "--tokenizer",
+        str(tmp_path / "stage_one" / "tokenizer"),
+        "--output-dir",
+        str(out),
+        f"data.source={source}",
+        f"data.resolution={side}",
+        f"unet.block_out_channels={[width] * levels}",
+        "train.batch_size=2",
+        "train.sample_steps=4",
+        "train.checkpoint_every=2",
+    ]
     run("train_diffusion.py", *common, "train.max_steps=2")
     done = run("train_diffusion.py", *common, "train.max_steps=3", "--resume", "latest")
     assert "at step 2" in done.stdout + done.stderr
@@ -174,13 +223,34 @@ def test_diffusion_recipe_as_shipped(path, tmp_path, fake_inception_file):
         assert cache[key] == recipe["cache"].get(key, {"dtype": "float32"}.get(key)), key
     assert cache["precision"] == recipe["train"].get("mixed_precision", "no")
 
-    run("sample.py", "--pipeline", str(out / "pipeline"), "--num-images", "2", "--out",
-        str(tmp_path / "samples"))
+    run(
+        "sample.py",
+        "--pipeline",
+        str(out / "pipeline"),
+        "--num-images",
+        "2",
+        "--out",
+        str(tmp_path / "samples"),
+    )
     assert (tmp_path / "samples" / "grid.png").is_file()
     report = tmp_path / "fid.json"
-    run("eval_fid.py", "--pipeline", str(out / "pipeline"), "--num-samples", "4",
-        "--reference-images", "4", "--batch-size", "4", "--inception-weights",
-        str(fake_inception_file), "--cache-dir", str(tmp_path / "fid"), "--out", str(report))
+    run(
+        "eval_fid.py",
+        "--pipeline",
+        str(out / "pipeline"),
+        "--num-samples",
+        "4",
+        "--reference-images",
+        "4",
+        "--batch-size",
+        "4",
+        "--inception-weights",
+        str(fake_inception_file),
+        "--cache-dir",
+        str(tmp_path / "fid"),
+        "--out",
+        str(report),
+    )
     sampling, protocol = json.loads(report.read_text())["sampling"], recipe["eval"]
     assert math.isfinite(json.loads(report.read_text())["metrics"]["fid"])
     assert sampling["steps"] == (protocol.get("steps") or 4)  # the eval section's protocol
@@ -203,17 +273,31 @@ def real_size_run(tmp_path_factory, vgg_torch_home):
     tokenizer_recipe = ROOT / "configs" / "tokenizer" / "imagenet_f8_cvq.yaml"
     source = miniature_source(parse_yaml(tokenizer_recipe.read_text())["data"], tmp, 264)
     env = {"TORCH_HOME": str(vgg_torch_home)}
-    stage_one = ["--config", str(tokenizer_recipe), "--output-dir", str(tmp / "stage_one"),
-                 f"data.source={source}", "train.batch_size=2", "loss.disc_start=1",
-                 "train.checkpoint_every=2"]
+    stage_one = [
+        "--config",
+        str(tokenizer_recipe),
+        "--output-dir",
+        str(tmp / "stage_one"),
+        f"data.source={source}",
+        "train.batch_size=2",
+        "loss.disc_start=1",
+        "train.checkpoint_every=2",
+    ]
     run("train_tokenizer.py", *stage_one, "train.max_steps=2", env=env)
-    done = run("train_tokenizer.py", *stage_one, "train.max_steps=3", "--resume", "latest",
-               env=env)
+    done = run("train_tokenizer.py", *stage_one, "train.max_steps=3", "--resume", "latest", env=env)
     assert "at step 2" in done.stdout + done.stderr
-    stage_two = ["--config", str(ROOT / "configs" / "diffusion" / "imagenet_cin.yaml"),
-                 "--tokenizer", str(tmp / "stage_one" / "tokenizer"), "--output-dir",
-                 str(tmp / "stage_two"), f"data.source={source}", "train.batch_size=4",
-                 "train.sample_steps=4", "train.checkpoint_every=2"]
+    stage_two = [
+        "--config",
+        str(ROOT / "configs" / "diffusion" / "imagenet_cin.yaml"),
+        "--tokenizer",
+        str(tmp / "stage_one" / "tokenizer"),
+        "--output-dir",
+        str(tmp / "stage_two"),
+        f"data.source={source}",
+        "train.batch_size=4",
+        "train.sample_steps=4",
+        "train.checkpoint_every=2",
+    ]
     run("train_diffusion.py", *stage_two, "train.max_steps=2")
     done = run("train_diffusion.py", *stage_two, "train.max_steps=3", "--resume", "latest")
     assert "at step 2" in done.stdout + done.stderr
@@ -224,6 +308,7 @@ def real_size_run(tmp_path_factory, vgg_torch_home):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_pipeline_in_half_precision_keeps_the_codebook_in_float32(real_size_run, dtype):
     from pipelines.sampling import load_pipeline
+
     pipe = load_pipeline(real_size_run / "stage_two" / "pipeline", dtype).to("cuda")
     assert pipe.vqvae.vector_quantizer.codebook.dtype == torch.float32
     assert pipe.unet.dtype == dtype
@@ -234,9 +319,24 @@ def test_cuda_pipeline_in_half_precision_keeps_the_codebook_in_float32(real_size
 @pytest.mark.cuda
 def test_cuda_fid_stream(real_size_run, fake_inception_file):
     report = real_size_run / "fid.json"
-    run("eval_fid.py", "--pipeline", str(real_size_run / "stage_two" / "pipeline"),
-        "--num-samples", "8", "--reference-images", "8", "--steps", "10", "--dtype", "bfloat16",
-        "--inception-weights", str(fake_inception_file), "--cache-dir",
-        str(real_size_run / "fid"), "--out", str(report))
+    run(
+        "eval_fid.py",
+        "--pipeline",
+        str(real_size_run / "stage_two" / "pipeline"),
+        "--num-samples",
+        "8",
+        "--reference-images",
+        "8",
+        "--steps",
+        "10",
+        "--dtype",
+        "bfloat16",
+        "--inception-weights",
+        str(fake_inception_file),
+        "--cache-dir",
+        str(real_size_run / "fid"),
+        "--out",
+        str(report),
+    )
     result = json.loads(report.read_text())
     assert math.isfinite(result["metrics"]["fid"]) and result["device"].startswith("cuda")

@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 
 from engine.data import DataConfig, build_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.launch import ROOT
 
 
 def _png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -29,8 +28,12 @@ def _noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
 
 def _items(config: dict) -> list[dict]:
     """Every item of both parts (no randomness unless the config asks for it)."""
-    return [part[i] for name in ("train", "validation")
-            for part in [build_dataset(config, name)] for i in range(len(part))]
+    return [
+        part[i]
+        for name in ("train", "validation")
+        for part in [build_dataset(config, name)]
+        for i in range(len(part))
+    ]
 
 
 @pytest.fixture
@@ -94,8 +97,9 @@ def _imagefolder_tree(root: Path) -> None:
     Image.new("RGB", (8, 8)).save(root / "extra" / "outside_the_splits.png")
 
 
-def test_folder_splits_and_labels_are_those_of_datasets_imagefolder(tmp_path: Path,
-                                                                    monkeypatch) -> None:
+def test_folder_splits_and_labels_are_those_of_datasets_imagefolder(
+    tmp_path: Path, monkeypatch
+) -> None:
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
     root = tmp_path / "images"
@@ -104,13 +108,16 @@ def test_folder_splits_and_labels_are_those_of_datasets_imagefolder(tmp_path: Pa
     assert sorted(theirs) == ["train", "validation"]
     for split in theirs:
         config = {"source": str(root), "split": split, "resolution": 8, "validation_size": 1}
-        ours = [part for name in ("train", "validation")
-                for part in [build_dataset(config, name)]]
-        mine = sorted((os.path.relpath(part.reader.name(int(j)), root),
-                       int(part[i]["label"]))
-                      for part in ours for i, j in enumerate(part.indices))
-        expected = sorted((os.path.relpath(row["image"].filename, os.path.realpath(root)),
-                           row["label"]) for row in theirs[split])
+        ours = [part for name in ("train", "validation") for part in [build_dataset(config, name)]]
+        mine = sorted(
+            (os.path.relpath(part.reader.name(int(j)), root), int(part[i]["label"]))
+            for part in ours
+            for i, j in enumerate(part.indices)
+        )
+        expected = sorted(
+            (os.path.relpath(row["image"].filename, os.path.realpath(root)), row["label"])
+            for row in theirs[split]
+        )
         assert mine == expected, split
     with pytest.raises(ValueError, match=r"split='test'.*splits are \['train', 'validation'\]"):
         build_dataset({"source": str(root), "split": "test"})
@@ -123,9 +130,17 @@ def test_folder_is_listed_once_and_again_when_it_changes(tmp_path: Path, capfd) 
     assert len(build_dataset(config, "train")) + 1 == 6
     assert "listing" in capfd.readouterr().err
     build_dataset(config, "validation")  # the other part, another process: the same manifest
-    subprocess.run([sys.executable, "-c", "import sys; from engine.data import "
-                    "build_dataset; build_dataset({'source': sys.argv[1]})", str(root)],
-                   cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from engine.data import "
+            "build_dataset; build_dataset({'source': sys.argv[1]})",
+            str(root),
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     assert "listing" not in capfd.readouterr().err
     Image.new("RGB", (8, 8)).save(root / "train" / "cat" / "new.png")
     assert len(build_dataset(config, "train")) + 1 == 7
@@ -158,8 +173,10 @@ def test_modes_become_the_requested_channels(tmp_path: Path) -> None:
     palette.putpalette([0, 0, 0] * 256)
     palette.save(tmp_path / "c_transparent_palette.png", transparency=0)
     config = {"source": str(tmp_path), "resolution": 8, "validation_size": 1, "seed": 0}
-    rgb = sorted((round(item["pixel_values"].mean().item()), tuple(item["pixel_values"].shape))
-                 for item in _items(config))
+    rgb = sorted(
+        (round(item["pixel_values"].mean().item()), tuple(item["pixel_values"].shape))
+        for item in _items(config)
+    )
     # transparent RGBA and palette → white; black grayscale → 3 black channels
     assert rgb == [(-1, (3, 8, 8)), (1, (3, 8, 8)), (1, (3, 8, 8))]
     gray = _items({**config, "channels": 1})
@@ -195,9 +212,11 @@ def test_random_flip_only_on_train(tmp_path: Path) -> None:
     assert set(dark_left(build_dataset({**config, "flip": False}, "train"))) == {True}
 
 
-SPLIT_SCRIPT = ("import sys; from engine.data import build_dataset; "
-                "print(build_dataset({'source': sys.argv[1], 'validation_size': 0.3, 'seed': 5},"
-                " 'validation').indices.tolist())")
+SPLIT_SCRIPT = (
+    "import sys; from engine.data import build_dataset; "
+    "print(build_dataset({'source': sys.argv[1], 'validation_size': 0.3, 'seed': 5},"
+    " 'validation').indices.tolist())"
+)
 
 
 def test_split_is_deterministic_disjoint_and_complete(tmp_path: Path) -> None:
@@ -209,10 +228,16 @@ def test_split_is_deterministic_disjoint_and_complete(tmp_path: Path) -> None:
     assert set(train.indices.tolist()).isdisjoint(validation.indices.tolist())
     assert sorted([*train.indices, *validation.indices]) == list(range(20))
     assert np.array_equal(build_dataset(config, "validation").indices, validation.indices)
-    assert not np.array_equal(build_dataset({**config, "seed": 6}, "validation").indices,
-                              validation.indices)
-    out = subprocess.run([sys.executable, "-c", SPLIT_SCRIPT, str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    assert not np.array_equal(
+        build_dataset({**config, "seed": 6}, "validation").indices, validation.indices
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", SPLIT_SCRIPT, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.strip().splitlines()[-1] == str(validation.indices.tolist())  # same in another
 
 
@@ -231,21 +256,36 @@ def test_digits_source() -> None:
 
 def _table(count: int = 6):
     datasets = pytest.importorskip("datasets")
-    features = datasets.Features({"img": datasets.Image(), "name": datasets.Value("string"),
-                                  "y": datasets.ClassLabel(names=["a", "b", "c"])})
+    features = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "name": datasets.Value("string"),
+            "y": datasets.ClassLabel(names=["a", "b", "c"]),
+        }
+    )
     return datasets.Dataset.from_dict(
-        {"img": [_noise((12 + i, 10), i) for i in range(count)],
-         "name": [f"n{i}" for i in range(count)], "y": [i % 3 for i in range(count)]},
-        features=features)
+        {
+            "img": [_noise((12 + i, 10), i) for i in range(count)],
+            "name": [f"n{i}" for i in range(count)],
+            "y": [i % 3 for i in range(count)],
+        },
+        features=features,
+    )
 
 
-def test_parquet_and_arrow_files_load_with_labels(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parquet_and_arrow_files_load_with_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     _table().to_parquet(str(tmp_path / "data.parquet"))
-    config = {"source": str(tmp_path / "data.parquet"), "image_column": "img",
-              "label_column": "y", "resolution": 8, "validation_size": 2}
+    config = {
+        "source": str(tmp_path / "data.parquet"),
+        "image_column": "img",
+        "label_column": "y",
+        "resolution": 8,
+        "validation_size": 2,
+    }
     items = _items(config)
     assert sorted(int(item["label"]) for item in items) == [0, 0, 1, 1, 2, 2]
     assert all(item["pixel_values"].shape == (3, 8, 8) for item in items)
@@ -261,8 +301,13 @@ def test_save_to_disk_directory_loads(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     _table().save_to_disk(str(tmp_path / "single"))
     datasets.DatasetDict({"test": _table(4)}).save_to_disk(str(tmp_path / "dict"))
-    config = {"source": str(tmp_path / "single"), "image_column": "img", "label_column": "y",
-              "resolution": 8, "validation_size": 2}
+    config = {
+        "source": str(tmp_path / "single"),
+        "image_column": "img",
+        "label_column": "y",
+        "resolution": 8,
+        "validation_size": 2,
+    }
     assert sorted(int(item["label"]) for item in _items(config)) == [0, 0, 1, 1, 2, 2]
     arrow = next((tmp_path / "single").glob("*.arrow"))
     assert len(_items({**config, "source": str(arrow)})) == 6
@@ -283,11 +328,21 @@ def test_hub_failure_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
         build_dataset({"source": "someone/some-dataset"})
 
 
-@pytest.mark.parametrize("key, value", [
-    ("resolution", 0), ("resolution", "32"), ("channels", 2), ("crop", "middle"),
-    ("flip", "yes"), ("validation_size", 0), ("validation_size", 1.5), ("validation_size", -3),
-    ("strict", 1), ("label_column", 3),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("resolution", 0),
+        ("resolution", "32"),
+        ("channels", 2),
+        ("crop", "middle"),
+        ("flip", "yes"),
+        ("validation_size", 0),
+        ("validation_size", 1.5),
+        ("validation_size", -3),
+        ("strict", 1),
+        ("label_column", 3),
+    ],
+)
 def test_bad_values_name_the_key(key: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"{key} = {value!r}".replace("(", r"\(")):
         build_dataset({key: value})

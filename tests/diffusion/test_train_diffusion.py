@@ -13,31 +13,40 @@ from safetensors.torch import load_file
 
 from diffusion.latent_cache import LatentCache, measure_scaling_factor
 from diffusion.train import DiffusionConfig, load_tokenizer
-from launch import ROOT
+from engine.config import ConfigError, from_mapping, to_mapping
 from pipelines import ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline
 from pipelines.sampling import training_config
-from tokenizer import VQTokenizer
-from engine.config import ConfigError, from_mapping, to_mapping
-from test_train_tokenizer import assert_config_refused
+from tests.launch import ROOT
 
 TINY = {
-    "unet": {"block_out_channels": [16, 16], "layers_per_block": 1,
-             "attention_resolutions": [4], "attention_head_dim": 8, "norm_num_groups": 8,
-             "num_classes": 0},
+    "unet": {
+        "block_out_channels": [16, 16],
+        "layers_per_block": 1,
+        "attention_resolutions": [4],
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+        "num_classes": 0,
+    },
     "data": {"source": "digits", "resolution": 16, "validation_size": 97},
     "cache": {"shard_size": 512},
-    "train": {"max_steps": 6, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 2,
-              "ema_decay": 0.99, "log_every": 2, "sample_every": 3, "sample_steps": 2,
-              "checkpoint_every": 2, "keep_checkpoints": 3},
+    "train": {
+        "max_steps": 6,
+        "batch_size": 16,
+        "learning_rate": 1e-3,
+        "warmup_steps": 2,
+        "ema_decay": 0.99,
+        "log_every": 2,
+        "sample_every": 3,
+        "sample_steps": 2,
+        "checkpoint_every": 2,
+        "keep_checkpoints": 3,
+    },
 }
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = VQTokenizer(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                        attn_resolutions=(), z_channels=8, embed_dim=4, norm_groups=4,
-                        quantizer="looc", quantizer_options={"num_codes": 16, "code_dim": 2})
+def tokenizer_dir(tmp_path_factory, tiny_tokenizer):
+    model = tiny_tokenizer(quantizer="looc", quantizer_options={"num_codes": 16, "code_dim": 2})
     path = tmp_path_factory.mktemp("tok") / "tokenizer"
     model.save_pretrained(path)
     return path
@@ -52,9 +61,23 @@ def write_config(path: Path, num_classes: int = 0, **train) -> Path:
 
 
 def run(config: Path, tokenizer: Path, out: Path, *extra: str, ok: bool = True):
-    done = subprocess.run([sys.executable, "scripts/train_diffusion.py", "--config", str(config),
-                           "--tokenizer", str(tokenizer), "--output-dir", str(out), *extra],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "scripts/train_diffusion.py",
+            "--config",
+            str(config),
+            "--tokenizer",
+            str(tokenizer),
+            "--output-dir",
+            str(out),
+            *extra,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if ok:
         assert done.returncode == 0, done.stderr[-3000:]
     return done
@@ -77,18 +100,22 @@ def test_train_export_and_exact_resume(tmp_path, tokenizer_dir, num_classes):
     # it carries its training configs (eval_fid.py's defaults) and a model card listing them
     # the config as run: the file's values with every default filled in
     assert training_config(run_dir / "pipeline") == to_mapping(
-        from_mapping(DiffusionConfig, yaml.safe_load(config.read_text())))
+        from_mapping(DiffusionConfig, yaml.safe_load(config.read_text()))
+    )
     card = (run_dir / "pipeline" / "README.md").read_text()
     assert cls.__name__ in card and "### diffusion" in card and "Not evaluated yet" in card
 
     # resume from step 2 (the cache is rebuilt from scratch and must come out the same)
     resumed = tmp_path / "resumed"
-    shutil.copytree(run_dir / "checkpoints" / "step_00000002",
-                    resumed / "checkpoints" / "step_00000002")
+    shutil.copytree(
+        run_dir / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002"
+    )
     done = run(config, tokenizer_dir, resumed, "--resume", "latest")
     assert "at step 2" in done.stdout + done.stderr
-    for part in ("unet/diffusion_pytorch_model.safetensors",
-                 "vqvae/diffusion_pytorch_model.safetensors"):
+    for part in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "vqvae/diffusion_pytorch_model.safetensors",
+    ):
         a, b = load_file(run_dir / "pipeline" / part), load_file(resumed / "pipeline" / part)
         for key in a:
             assert torch.equal(a[key], b[key]), (part, key)
@@ -101,8 +128,14 @@ def test_stale_cache_is_refused(tmp_path, tokenizer_dir):
     cache = tmp_path / "shared-cache"
     config = write_config(tmp_path / "c.yaml", max_steps=1)
     run(config, tokenizer_dir, tmp_path / "a", f"cache.dir={cache}")
-    done = run(config, tokenizer_dir, tmp_path / "b", f"cache.dir={cache}",
-               "cache.quantized=false", ok=False)
+    done = run(
+        config,
+        tokenizer_dir,
+        tmp_path / "b",
+        f"cache.dir={cache}",
+        "cache.quantized=false",
+        ok=False,
+    )
     assert done.returncode != 0
     assert "quantized" in done.stderr and str(cache) in done.stderr
 
@@ -119,22 +152,25 @@ def test_labels_beyond_num_classes_are_refused(tmp_path, tokenizer_dir):
     assert done.returncode != 0 and "unet.num_classes" in done.stderr
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"unet": {"num_classes": -1}}, "unet.num_classes"),
-    ({"unet": {"block_out_channels": [20, 40]}}, "norm_num_groups"),
-    ({"unet": {"layer_per_block": 2}}, "unet.layer_per_block"),
-    ({"cache": {"quantised": True}}, "cache.quantised"),
-    ({"train": {"label_dropout": 1.5}}, "train.label_dropout"),
-    ({"train": {"ema_decay": 1.0}}, "train.ema_decay"),
-    ({"sampling": {}}, "unknown section"),
-    ({"eval": {"reference_part": "test"}}, "eval.reference_part"),
-    ({"eval": {"num_sample": 10}}, "eval.num_sample"),
-    ({"train": {"max_step": 10}}, "train.max_step.*allowed keys"),
-    ({"train": {"warmup_steps": -1}}, "train.warmup_steps.*must be >= 0"),
-    ({"cache": {"batch_size": 0}}, "cache.batch_size.*must be >= 1"),
-    ({"data": {"source": "./missing_images"}}, "data.source.*no such file or folder"),
-])
-def test_bad_diffusion_configs_name_the_key(change, message):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"unet": {"num_classes": -1}}, "unet.num_classes"),
+        ({"unet": {"block_out_channels": [20, 40]}}, "norm_num_groups"),
+        ({"unet": {"layer_per_block": 2}}, "unet.layer_per_block"),
+        ({"cache": {"quantised": True}}, "cache.quantised"),
+        ({"train": {"label_dropout": 1.5}}, "train.label_dropout"),
+        ({"train": {"ema_decay": 1.0}}, "train.ema_decay"),
+        ({"sampling": {}}, "unknown section"),
+        ({"eval": {"reference_part": "test"}}, "eval.reference_part"),
+        ({"eval": {"num_sample": 10}}, "eval.num_sample"),
+        ({"train": {"max_step": 10}}, "train.max_step.*allowed keys"),
+        ({"train": {"warmup_steps": -1}}, "train.warmup_steps.*must be >= 0"),
+        ({"cache": {"batch_size": 0}}, "cache.batch_size.*must be >= 1"),
+        ({"data": {"source": "./missing_images"}}, "data.source.*no such file or folder"),
+    ],
+)
+def test_bad_diffusion_configs_name_the_key(change, message, assert_config_refused):
     assert_config_refused(DiffusionConfig, TINY, change, message)
 
 
@@ -144,11 +180,12 @@ def test_a_folder_that_is_not_a_tokenizer_is_refused_before_building(tmp_path):
         load_tokenizer(tmp_path)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "diffusion").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs" / "diffusion").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_shipped_diffusion_config_is_valid(path):
     recipe = from_mapping(DiffusionConfig, yaml.safe_load(path.read_text()))
     assert recipe.train.max_steps > recipe.train.log_every
 
 
-# two processes: tests/test_fault_tolerance.py (reference run, SIGKILL, resume)
+# two processes: tests/end_to_end/test_fault_tolerance.py (reference run, SIGKILL, resume)

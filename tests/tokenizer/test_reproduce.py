@@ -11,15 +11,26 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.launch import ROOT
 from tokenizer.experiments.mnist import read_idx
+from tokenizer.experiments.reproduce import (
+    MNIST_FILES,
+    OFFICIAL,
+    PAPERS,
+    TABLES,
+    Row,
+    RunConfig,
+    _plot_usage_pil,
+    format_tables,
+    load_mnist,
+    select_tables,
+)
 from tokenizer.quantizers import build_quantizer
-from tokenizer.experiments.reproduce import (MNIST_FILES, OFFICIAL, PAPERS, TABLES, Row, RunConfig,
-                                 _plot_usage_pil, format_tables, load_mnist, select_tables)
 
-ROOT = Path(__file__).resolve().parents[1]
 MNIST = Path("/work/shared/data/mnist")
-needs_mnist = pytest.mark.skipif(not (MNIST / MNIST_FILES[0]).is_file(),
-                                 reason=f"MNIST test set not in {MNIST}")
+needs_mnist = pytest.mark.skipif(
+    not (MNIST / MNIST_FILES[0]).is_file(), reason=f"MNIST test set not in {MNIST}"
+)
 COLUMNS = ("usage", "perplexity", "PSNR (dB)", "SSIM", "L1", "LPIPS", "rFID", "train time")
 
 
@@ -85,10 +96,23 @@ def test_table_marks_skipped_metrics_and_draws_without_matplotlib(tmp_path):
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_quick_run_end_to_end(tmp_path):
-    done = subprocess.run([sys.executable, "scripts/reproduce_tables.py", "--quick",
-                           "--threads", "1", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "scripts/reproduce_tables.py",
+            "--quick",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     table = (tmp_path / "table.md").read_text()
     assert "| row | source | " + " | ".join(COLUMNS) + " |" in table

@@ -4,7 +4,12 @@ import torch.nn.functional as F
 
 import tokenizer.quantizers.core as core
 from tokenizer.quantizers import (
-    ClusteredQuantizer, LooCQuantizer, VectorQuantizer, build_quantizer, nearest_code)
+    ClusteredQuantizer,
+    LooCQuantizer,
+    VectorQuantizer,
+    build_quantizer,
+    nearest_code,
+)
 
 KINDS = {
     "vq": dict(num_codes=32, code_dim=8),
@@ -77,8 +82,9 @@ def test_loss_matches_hand_computation():
 
 
 def _train_and_measure_usage(q, z, steps=150, lr=1e-2):
-    opt = torch.optim.Adam([p for p in q.parameters() if p.requires_grad] or [torch.zeros(1)],
-                           lr=lr)
+    opt = torch.optim.Adam(
+        [p for p in q.parameters() if p.requires_grad] or [torch.zeros(1)], lr=lr
+    )
     q.train()
     for _ in range(steps):
         out = q(z)
@@ -103,8 +109,10 @@ def test_dead_codes_revive_under_cvq_and_looc_but_not_vq(capsys):
         torch.manual_seed(0)
         usage[name] = _train_and_measure_usage(q, z)
     with capsys.disabled():
-        print("\ncodebook usage after 150 steps on 512 clusters, K=64:",
-              {k: f"{100 * v:.0f}%" for k, v in usage.items()})
+        print(
+            "\ncodebook usage after 150 steps on 512 clusters, K=64:",
+            {k: f"{100 * v:.0f}%" for k, v in usage.items()},
+        )
     assert usage["vq"] < 0.5
     assert usage["cvq"] >= 0.95
     assert usage["looc"] >= 0.95
@@ -242,6 +250,7 @@ def test_vq_ema_moves_codes_without_gradient():
 
 # --- LooC ---------------------------------------------------------------------------------------
 
+
 def test_looc_with_one_segment_and_no_interpolation_is_cvq():
     z = clusters(batch=4)
     torch.manual_seed(0)
@@ -269,7 +278,7 @@ def test_looc_index_layout():
     assert out.counts.sum() == 2 * 6 * 10 * 3
     up = F.interpolate(z, scale_factor=2, mode="bilinear", align_corners=False)
     b, i, j, s = 1, 4, 7, 2
-    segment = up[b, 4 * s:4 * s + 4, i, j]
+    segment = up[b, 4 * s : 4 * s + 4, i, j]
     expected = ((q.codebook - segment) ** 2).sum(1).argmin()
     assert out.indices[b, i, j, s] == expected
     # z_q is the β×β average of the quantized up-sampled map
@@ -293,6 +302,7 @@ def test_looc_refuses_bad_interp_scale(scale):
 
 
 # --- precision, search, construction ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["vq", "cvq", "looc"])
 def test_search_and_update_run_in_fp32_under_bf16_autocast(name, monkeypatch):
@@ -336,6 +346,7 @@ def test_autocast_does_not_change_the_chosen_codes():
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 def test_chunked_search_equals_full_search(distance):
     from tokenizer.quantizers import best_feature_per_code
+
     g = torch.Generator().manual_seed(0)
     x, codebook = torch.randn(1000, 4, generator=g), torch.randn(37, 4, generator=g)
     if distance == "cosine":
@@ -351,12 +362,19 @@ def test_chunked_search_equals_full_search(distance):
 
 def test_probabilistic_anchor_samples_the_softmax():
     from tokenizer.quantizers import best_feature_per_code
+
     x = torch.tensor([[0.0], [1.0], [2.0]])
     codebook = torch.zeros(20000, 1)  # 20,000 independent draws, one per (identical) code
-    _, where = best_feature_per_code(x, codebook, "l2", gumbel=True, max_elements=7000,
-                                     generator=torch.Generator().manual_seed(0))
+    _, where = best_feature_per_code(
+        x,
+        codebook,
+        "l2",
+        gumbel=True,
+        max_elements=7000,
+        generator=torch.Generator().manual_seed(0),
+    )
     freq = torch.bincount(where, minlength=3).float() / 20000
-    expected = torch.softmax(-x.flatten() ** 2, 0)
+    expected = torch.softmax(-(x.flatten() ** 2), 0)
     assert torch.allclose(freq, expected, atol=0.01), (freq, expected)
 
 

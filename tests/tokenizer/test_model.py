@@ -4,20 +4,28 @@ from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel
 
 from tokenizer import VQTokenizer
 
-TINY = dict(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
-            z_channels=8, embed_dim=8, norm_groups=4)
+TINY = dict(attn_resolutions=(8,), embed_dim=8)  # over conftest's TINY_TOKENIZER
 
 
-def tiny(quantizer="cvq", **options):
-    torch.manual_seed(0)
-    return VQTokenizer(**TINY, quantizer=quantizer,
-                       quantizer_options=options or {"num_codes": 16}).eval()
+@pytest.fixture
+def tiny(tiny_tokenizer):
+    def make(quantizer="cvq", **options):
+        return tiny_tokenizer(
+            **TINY, quantizer=quantizer, quantizer_options=options or {"num_codes": 16}
+        ).eval()
+
+    return make
 
 
-@pytest.mark.parametrize("kind, options", [("vq", {"num_codes": 16}),
-                                           ("cvq", {"num_codes": 16}),
-                                           ("looc", {"num_codes": 16, "code_dim": 4})])
-def test_round_trip_through_save_and_load(tmp_path, kind, options):
+@pytest.mark.parametrize(
+    "kind, options",
+    [
+        ("vq", {"num_codes": 16}),
+        ("cvq", {"num_codes": 16}),
+        ("looc", {"num_codes": 16, "code_dim": 4}),
+    ],
+)
+def test_round_trip_through_save_and_load(tmp_path, kind, options, tiny):
     model = tiny(kind, **options)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     model.train()
@@ -35,7 +43,7 @@ def test_round_trip_through_save_and_load(tmp_path, kind, options):
         assert torch.equal(buffer, dict(loaded.vector_quantizer.named_buffers())[name])
 
 
-def test_encode_quantize_decode_compose_like_vqmodel():
+def test_encode_quantize_decode_compose_like_vqmodel(tiny):
     model = tiny()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     with torch.no_grad():
@@ -49,7 +57,7 @@ def test_encode_quantize_decode_compose_like_vqmodel():
         assert not torch.equal(model.decode(h, force_not_quantize=True).sample, full)
 
 
-def test_gradients_reach_encoder_and_codebook():
+def test_gradients_reach_encoder_and_codebook(tiny):
     model = tiny().train()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     out = model(x)
@@ -59,17 +67,27 @@ def test_gradients_reach_encoder_and_codebook():
     assert model.last_layer is model.decoder.conv_out.weight
 
 
-def test_works_as_the_vqvae_of_diffusers_ldm_pipeline():
+def test_works_as_the_vqvae_of_diffusers_ldm_pipeline(tiny):
     model = tiny()
     model.register_to_config(scaling_factor=0.5)
-    unet = UNet2DModel(sample_size=8, in_channels=8, out_channels=8, block_out_channels=(16, 16),
-                       layers_per_block=1, norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=8,
+        out_channels=8,
+        block_out_channels=(16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     pipe = LDMPipeline(vqvae=model, unet=unet, scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(batch_size=2, num_inference_steps=2, output_type="np",
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        batch_size=2,
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert images.shape == (2, 16, 16, 3)
     # the pipeline divides by scaling_factor, then decodes (re-quantizing) with our model
     torch.manual_seed(0)
@@ -84,6 +102,6 @@ def test_works_as_the_vqvae_of_diffusers_ldm_pipeline():
     assert abs(images - expected).max() < 1e-5
 
 
-def test_looc_channels_must_divide_embed_dim():
+def test_looc_channels_must_divide_embed_dim(tiny_tokenizer):
     with pytest.raises(ValueError, match=r"C=8.*d\*=3"):
-        VQTokenizer(**TINY, quantizer="looc", quantizer_options={"num_codes": 8, "code_dim": 3})
+        tiny_tokenizer(**TINY, quantizer="looc", quantizer_options={"num_codes": 8, "code_dim": 3})

@@ -18,39 +18,74 @@ import pytest
 import torch
 import yaml
 
-from faults import (Run, assert_same_state, launch_two, partials, script, steps,
-                    wait_for)
 from diffusion.latent_cache import LatentCache
-from engine.config import from_mapping
-from launch import ROOT
-from pipelines import ClassConditionalLatentDiffusionPipeline
-from tokenizer import VQTokenizer
 from engine.checkpoints import CheckpointError, resolve_resume
+from engine.config import from_mapping
+from pipelines import ClassConditionalLatentDiffusionPipeline
+from tests.faults import Run, assert_same_state, launch_two, partials, script, steps, wait_for
+from tests.launch import ROOT
+
+pytestmark = pytest.mark.slow  # processes started and killed: minutes
 
 TOKENIZER = ROOT / "scripts" / "train_tokenizer.py"
 DIFFUSION = ROOT / "scripts" / "train_diffusion.py"
 MAX_STEPS = 12
 
 TOKENIZER_CONFIG = {
-    "model": {"resolution": 16, "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1,
-              "attn_resolutions": [], "z_channels": 8, "embed_dim": 8, "norm_groups": 4,
-              "quantizer": "cvq", "quantizer_options": {"num_codes": 16}},
+    "model": {
+        "resolution": 16,
+        "ch": 8,
+        "ch_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "z_channels": 8,
+        "embed_dim": 8,
+        "norm_groups": 4,
+        "quantizer": "cvq",
+        "quantizer_options": {"num_codes": 16},
+    },
     # the discriminator (and its optimizer) joins at step 3: its state is resumed too
-    "loss": {"perceptual_weight": 0.0, "disc_weight": 0.5, "disc_start": 3, "disc_layers": 1,
-             "disc_channels": 8},
+    "loss": {
+        "perceptual_weight": 0.0,
+        "disc_weight": 0.5,
+        "disc_start": 3,
+        "disc_layers": 1,
+        "disc_channels": 8,
+    },
     "data": {"source": "digits", "resolution": 16, "validation_size": 97},
-    "train": {"max_steps": MAX_STEPS, "batch_size": 4, "learning_rate": 1e-3, "log_every": 100,
-              "image_every": 100, "checkpoint_every": 1, "keep_checkpoints": 2},
+    "train": {
+        "max_steps": MAX_STEPS,
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "log_every": 100,
+        "image_every": 100,
+        "checkpoint_every": 1,
+        "keep_checkpoints": 2,
+    },
 }
 DIFFUSION_CONFIG = {
-    "unet": {"block_out_channels": [8, 8], "layers_per_block": 1, "attention_resolutions": [],
-             "attention_head_dim": 8, "norm_num_groups": 8, "num_classes": 10},
+    "unet": {
+        "block_out_channels": [8, 8],
+        "layers_per_block": 1,
+        "attention_resolutions": [],
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+        "num_classes": 10,
+    },
     "data": {"source": "digits", "resolution": 16, "validation_size": 97},
     "cache": {"shard_size": 512},
     # warm-up and EMA warm-up span the run: scheduler and EMA state must resume exactly
-    "train": {"max_steps": MAX_STEPS, "batch_size": 8, "learning_rate": 1e-3,
-              "warmup_steps": 20, "ema_decay": 0.99, "log_every": 100, "sample_every": 100,
-              "checkpoint_every": 1, "keep_checkpoints": 2},
+    "train": {
+        "max_steps": MAX_STEPS,
+        "batch_size": 8,
+        "learning_rate": 1e-3,
+        "warmup_steps": 20,
+        "ema_decay": 0.99,
+        "log_every": 100,
+        "sample_every": 100,
+        "checkpoint_every": 1,
+        "keep_checkpoints": 2,
+    },
 }
 
 
@@ -65,11 +100,10 @@ def write(path: Path, config: dict, **train) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = VQTokenizer(resolution=16, ch=8, ch_mult=(1, 2), num_res_blocks=1,
-                        attn_resolutions=(), z_channels=8, embed_dim=4, norm_groups=4,
-                        quantizer="looc", quantizer_options={"num_codes": 16, "code_dim": 2})
+def tokenizer_dir(tmp_path_factory, tiny_tokenizer):
+    model = tiny_tokenizer(
+        ch=8, quantizer="looc", quantizer_options={"num_codes": 16, "code_dim": 2}
+    )
     path = tmp_path_factory.mktemp("tok") / "tokenizer"
     model.save_pretrained(path)
     return path
@@ -78,8 +112,12 @@ def tokenizer_dir(tmp_path_factory):
 def stage_args(stage: str, tmp: Path, tokenizer_dir: Path | None) -> tuple:
     if stage == "tokenizer":
         return tokenizer_main, ["--config", str(write(tmp / "t.yaml", TOKENIZER_CONFIG))]
-    return diffusion_main, ["--config", str(write(tmp / "d.yaml", DIFFUSION_CONFIG)),
-                            "--tokenizer", str(tokenizer_dir)]
+    return diffusion_main, [
+        "--config",
+        str(write(tmp / "d.yaml", DIFFUSION_CONFIG)),
+        "--tokenizer",
+        str(tokenizer_dir),
+    ]
 
 
 @pytest.mark.parametrize("stage", ["tokenizer", "diffusion"])
@@ -89,8 +127,9 @@ def test_kill_and_resume_chain_matches_an_uninterrupted_run(stage, tmp_path, req
     resumed with --resume latest, ends bit-identical to one uninterrupted run."""
     tok = request.getfixturevalue("tokenizer_dir") if stage == "diffusion" else None
     main, args = stage_args(stage, tmp_path, tok)
-    reference = Run(main, [*args, "--output-dir", str(tmp_path / "reference")],
-                    tmp_path / "reference.log")
+    reference = Run(
+        main, [*args, "--output-dir", str(tmp_path / "reference")], tmp_path / "reference.log"
+    )
     assert reference.wait() == 0, reference.output()[-3000:]
 
     out = tmp_path / "run"
@@ -101,13 +140,15 @@ def test_kill_and_resume_chain_matches_an_uninterrupted_run(stage, tmp_path, req
     for i, event in enumerate(plan):
         before = max(steps(ck), default=0)
         resume = ["--resume", "latest"] if i else []
-        env = {"NEVERCOLLAPSE_TEST_CHECKPOINT_PAUSE": "60"} if event == "kill-while-writing" \
-            else {}
+        env = {"NEVERCOLLAPSE_TEST_CHECKPOINT_PAUSE": "60"} if event == "kill-while-writing" else {}
         started = time.time()
         run = Run(main, argv + resume, tmp_path / f"{i}.log", **env)
         if event == "kill-while-writing":  # a .partial of this run, not one left by a kill
-            wait_for(lambda: [p for p in partials(ck) if p.stat().st_mtime >= started], run,
-                     "a .partial checkpoint")
+            wait_for(
+                lambda: [p for p in partials(ck) if p.stat().st_mtime >= started],
+                run,
+                "a .partial checkpoint",
+            )
             time.sleep(rng.uniform(0, 0.3))  # in save_state or in the pause before the marker
             assert partials(ck), "still writing"
             run.process.kill()
@@ -124,12 +165,15 @@ def test_kill_and_resume_chain_matches_an_uninterrupted_run(stage, tmp_path, req
                 assert run.wait() == 0, run.output()[-3000:]  # a clean exit
                 stopped = int(re.search(r"stopped by SIGTERM at step (\d+)", run.output())[1])
                 assert stopped in steps(ck) and resolve_resume("latest", ck).name.endswith(
-                    f"{stopped:08d}"), "the SIGTERM checkpoint is the newest"
+                    f"{stopped:08d}"
+                ), "the SIGTERM checkpoint is the newest"
         assert i == 0 or "resumed from" in run.output()
         found = resolve_resume("latest", ck)
         assert found is not None and max(steps(ck)) < MAX_STEPS, "the run must still be going"
-        print(f"{stage}: {event} during run {i} (from step {before}): latest sound checkpoint "
-              f"{found.name}, exit {run.process.exitcode}")
+        print(
+            f"{stage}: {event} during run {i} (from step {before}): latest sound checkpoint "
+            f"{found.name}, exit {run.process.exitcode}"
+        )
 
     # damage the newest complete checkpoint: resume falls back to the previous one
     newest = resolve_resume("latest", ck)
@@ -148,28 +192,39 @@ def test_kill_and_resume_chain_matches_an_uninterrupted_run(stage, tmp_path, req
 
 def test_two_process_tokenizer_sigterm_then_kill_then_resume(tmp_path):
     config = write(tmp_path / "t.yaml", TOKENIZER_CONFIG, max_steps=5)
-    _two_process_chain(TOKENIZER, ["--config", str(config)], tmp_path, 29561,
-                       export="tokenizer/diffusion_pytorch_model.safetensors", sigterm=True)
+    _two_process_chain(
+        TOKENIZER,
+        ["--config", str(config)],
+        tmp_path,
+        29561,
+        export="tokenizer/diffusion_pytorch_model.safetensors",
+        sigterm=True,
+    )
 
 
 def test_two_process_diffusion_kill_then_resume(tmp_path, tokenizer_dir):
     config = write(tmp_path / "d.yaml", DIFFUSION_CONFIG, max_steps=4)
-    _two_process_chain(DIFFUSION, ["--config", str(config), "--tokenizer", str(tokenizer_dir)],
-                       tmp_path, 29565, export="pipeline/unet/diffusion_pytorch_model.safetensors")
+    _two_process_chain(
+        DIFFUSION,
+        ["--config", str(config), "--tokenizer", str(tokenizer_dir)],
+        tmp_path,
+        29565,
+        export="pipeline/unet/diffusion_pytorch_model.safetensors",
+    )
     # every process encoded its share of the cache
     assert LatentCache(tmp_path / "ref" / "latents").metadata["count"] == 1700
     pipe = ClassConditionalLatentDiffusionPipeline.from_pretrained(tmp_path / "ref" / "pipeline")
     assert pipe.num_classes == 10
 
 
-def _two_process_chain(script: Path, args: list[str], tmp: Path, port: int, export: str,
-                       sigterm: bool = False):
+def _two_process_chain(
+    script: Path, args: list[str], tmp: Path, port: int, export: str, sigterm: bool = False
+):
     """Two processes: an uninterrupted reference; with ``sigterm``, SIGTERM to process 1 only
     (both must stop at the same step and save together, and exit cleanly); SIGKILL of every
     process after a checkpoint; resume to the end: equal to the reference, and both processes
     hold identical weights and codebooks at the end of each finished run."""
-    reference = launch_two(script, [*args, "--output-dir", str(tmp / "ref")], port,
-                           tmp / "ref.log")
+    reference = launch_two(script, [*args, "--output-dir", str(tmp / "ref")], port, tmp / "ref.log")
     assert reference.wait() == 0, reference.output()[-3000:]
     assert "weights identical on all 2 processes" in reference.output()
     assert (tmp / "ref" / export).is_file()
@@ -202,17 +257,21 @@ def _two_process_chain(script: Path, args: list[str], tmp: Path, port: int, expo
 
 # --- in-process faults: non-finite losses, full disk -------------------------------------
 
+
 def _tokenizer_recipe(tmp_path, **train):
     from tokenizer.train import TokenizerConfig
+
     config = json.loads(json.dumps(TOKENIZER_CONFIG))
     config["train"].update(train)
     return from_mapping(TokenizerConfig, config)
 
 
 def test_tokenizer_nonfinite_losses_skip_then_stop_keeping_the_last_checkpoint(
-        tmp_path, monkeypatch, capsys):
+    tmp_path, monkeypatch, capsys
+):
     from tokenizer.losses import VQGANLoss
     from tokenizer.train import train_tokenizer
+
     original, calls = VQGANLoss.generator_loss, []
 
     def poisoned(self, *args, **kwargs):
@@ -224,8 +283,11 @@ def test_tokenizer_nonfinite_losses_skip_then_stop_keeping_the_last_checkpoint(
 
     monkeypatch.setattr(VQGANLoss, "generator_loss", poisoned)
     recipe = _tokenizer_recipe(tmp_path, max_nonfinite_steps=3)
-    with pytest.raises(FloatingPointError, match=r"3 non-finite losses in a row at step 4.*"
-                                                 r"lower train.learning_rate.*bf16.*fp32"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"3 non-finite losses in a row at step 4.*"
+        r"lower train.learning_rate.*bf16.*fp32",
+    ):
         train_tokenizer(recipe, tmp_path / "run")
     printed = capsys.readouterr().out
     assert "step 2: non-finite loss, step skipped (1 in a row)" in printed
@@ -234,11 +296,11 @@ def test_tokenizer_nonfinite_losses_skip_then_stop_keeping_the_last_checkpoint(
     assert resolve_resume("latest", ck).name == "step_00000004"  # intact and sound
 
 
-def test_diffusion_nonfinite_losses_skip_then_stop(tmp_path, tokenizer_dir, monkeypatch,
-                                                   capsys):
+def test_diffusion_nonfinite_losses_skip_then_stop(tmp_path, tokenizer_dir, monkeypatch, capsys):
     import torch.nn.functional as F
 
     import diffusion.train as trainer
+
     calls = []
 
     def poisoned(a, b):
@@ -261,6 +323,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_names_the_cause(tmp_path, m
     from accelerate import Accelerator
 
     from tokenizer.train import train_tokenizer
+
     original = Accelerator.save_state
 
     def fills_the_disk(self, output_dir=None, **kwargs):
@@ -285,6 +348,7 @@ def test_unwritable_output_directory_is_a_clear_error(tmp_path):
     from accelerate import Accelerator
 
     from engine.checkpoints import save_checkpoint
+
     accelerator = Accelerator(cpu=True)
     accelerator.prepare(torch.nn.Linear(2, 2))
     blocked = tmp_path / "file"
@@ -297,6 +361,7 @@ def test_damaged_newest_checkpoint_is_passed_over(tmp_path):
     from accelerate import Accelerator
 
     from engine.checkpoints import save_checkpoint
+
     accelerator = Accelerator(cpu=True)
     accelerator.prepare(torch.nn.Linear(2, 2))
     for step in (1, 2, 3):

@@ -1,4 +1,4 @@
-"""Run by tests/test_latent_cache.py under
+"""Run by tests/diffusion/test_latent_cache.py under
 ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2``.
 
 Both ranks build the same tiny tokenizer (seed 0) and build one latent cache together. Each rank
@@ -17,9 +17,18 @@ from accelerate import Accelerator
 from diffusion.latent_cache import build_latent_cache
 from tokenizer import VQTokenizer
 
-TINY = dict(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-            z_channels=8, embed_dim=4, norm_groups=4, quantizer="cvq",
-            quantizer_options={"num_codes": 16})
+TINY = dict(
+    resolution=16,
+    ch=16,
+    ch_mult=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    z_channels=8,
+    embed_dim=4,
+    norm_groups=4,
+    quantizer="cvq",
+    quantizer_options={"num_codes": 16},
+)
 DATA = {"source": "digits", "resolution": 16, "validation_size": 97}
 
 
@@ -31,8 +40,11 @@ def main(cache_dir: str, report_dir: str) -> None:
     encode = tokenizer.encode
     tokenizer.encode = lambda x, **kw: encoded.append(len(x)) or encode(x, **kw)
     cache = build_latent_cache(tokenizer, DATA, cache_dir, shard_size=256, accelerator=accelerator)
-    report = {"world_size": accelerator.num_processes, "encoded": sum(encoded),
-              "cache_length": len(cache)}
+    report = {
+        "world_size": accelerator.num_processes,
+        "encoded": sum(encoded),
+        "cache_length": len(cache),
+    }
     path = Path(report_dir) / f"rank-{accelerator.process_index}.json"
     path.write_text(json.dumps(report))
     accelerator.wait_for_everyone()

@@ -14,23 +14,30 @@ from diffusers import DiffusionPipeline, EulerDiscreteScheduler, LDMPipeline, UN
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from pipelines import ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline
-from pipelines import default_scheduler
-from tokenizer import VQTokenizer
+from pipelines import (
+    ClassConditionalLatentDiffusionPipeline,
+    LatentDiffusionPipeline,
+    default_scheduler,
+)
 
 NUM_CLASSES = 10
 STEPS = 4
-TOKENIZER = dict(resolution=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                 z_channels=8, embed_dim=4, norm_groups=4, quantizer="cvq",
-                 quantizer_options={"num_codes": 16}, scaling_factor=0.7)  # latents 4×8×8
-UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 16),
-            layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "UpBlock2D"))
+UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(16, 16),
+    layers_per_block=1,
+    norm_num_groups=4,
+    down_block_types=("DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D"),
+)
 
 
-def tiny_vqvae(**overrides) -> VQTokenizer:
-    torch.manual_seed(0)
-    return VQTokenizer(**{**TOKENIZER, **overrides}).eval()
+@pytest.fixture(scope="session")
+def tiny_vqvae(tiny_tokenizer):
+    """conftest's tiny tokenizer (latents 4×8×8) with a latent scale, in eval mode."""
+    return lambda **overrides: tiny_tokenizer(**{"scaling_factor": 0.7, **overrides}).eval()
 
 
 def tiny_unet(**overrides) -> UNet2DModel:
@@ -42,29 +49,32 @@ def seed(n: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(n)
 
 
-def make_uncond() -> LatentDiffusionPipeline:
-    pipe = LatentDiffusionPipeline(vqvae=tiny_vqvae(), unet=tiny_unet(),
-                                   scheduler=default_scheduler())
+def make_uncond(tiny_vqvae) -> LatentDiffusionPipeline:
+    pipe = LatentDiffusionPipeline(
+        vqvae=tiny_vqvae(), unet=tiny_unet(), scheduler=default_scheduler()
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def make_cond() -> ClassConditionalLatentDiffusionPipeline:
+def make_cond(tiny_vqvae) -> ClassConditionalLatentDiffusionPipeline:
     pipe = ClassConditionalLatentDiffusionPipeline(
-        vqvae=tiny_vqvae(), unet=tiny_unet(num_class_embeds=NUM_CLASSES + 1),
-        scheduler=default_scheduler())
+        vqvae=tiny_vqvae(),
+        unet=tiny_unet(num_class_embeds=NUM_CLASSES + 1),
+        scheduler=default_scheduler(),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @pytest.fixture
-def uncond() -> LatentDiffusionPipeline:
-    return make_uncond()
+def uncond(tiny_vqvae) -> LatentDiffusionPipeline:
+    return make_uncond(tiny_vqvae)
 
 
 @pytest.fixture
-def cond() -> ClassConditionalLatentDiffusionPipeline:
-    return make_cond()
+def cond(tiny_vqvae) -> ClassConditionalLatentDiffusionPipeline:
+    return make_cond(tiny_vqvae)
 
 
 def sample(pipe, **kwargs):
@@ -122,8 +132,9 @@ def test_unconditional_equals_diffusers_ldm_pipeline(uncond, scheduler):
         uncond.scheduler = EulerDiscreteScheduler.from_config(uncond.scheduler.config)
     ldm = LDMPipeline(vqvae=uncond.vqvae, unet=uncond.unet, scheduler=uncond.scheduler)
     ldm.set_progress_bar_config(disable=True)
-    expected = ldm(2, generator=seed(0), num_inference_steps=STEPS, eta=0.0,
-                   output_type="np").images
+    expected = ldm(
+        2, generator=seed(0), num_inference_steps=STEPS, eta=0.0, output_type="np"
+    ).images
     ours = sample(uncond)
     assert np.abs(ours - expected).max() < 1e-6
     assert np.abs(sample(uncond, generator=seed(1)) - expected).max() > 1e-3
@@ -183,16 +194,27 @@ def test_null_class_is_used_for_the_unconditional_branch(cond):
     calls = []
     cond.unet.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append((len(args[0]), kwargs["class_labels"].tolist())),
-        with_kwargs=True)
+        with_kwargs=True,
+    )
     assert cond.num_classes == NUM_CLASSES and cond.null_class == NUM_CLASSES
     sample(cond, guidance_scale=2.0)
     assert calls == [(4, [3, 7, NUM_CLASSES, NUM_CLASSES])] * STEPS  # one doubled batch a step
     calls.clear()
     sample(cond, guidance_scale=1.0)
     assert calls == [(2, [3, 7])] * STEPS  # no doubling
-    assert np.abs(sample(cond, guidance_scale=1.0)[0]
-                  - cond([4, 7], guidance_scale=1.0, generator=seed(0), num_inference_steps=STEPS,
-                         output_type="np").images[0]).max() > 1e-3  # the label matters
+    assert (
+        np.abs(
+            sample(cond, guidance_scale=1.0)[0]
+            - cond(
+                [4, 7],
+                guidance_scale=1.0,
+                generator=seed(0),
+                num_inference_steps=STEPS,
+                output_type="np",
+            ).images[0]
+        ).max()
+        > 1e-3
+    )  # the label matters
 
 
 def test_class_labels_are_checked(cond):
@@ -207,14 +229,16 @@ def test_class_labels_are_checked(cond):
     with pytest.raises(ValueError, match="guidance_scale"):
         cond([1], guidance_scale=-1.0, **run)
     assert cond(3, **run).images.shape == (1, 16, 16, 3)
-    assert np.array_equal(cond(torch.tensor([3, 7]), generator=seed(0), **run).images,
-                          cond([3, 7], generator=seed(0), **run).images)
+    assert np.array_equal(
+        cond(torch.tensor([3, 7]), generator=seed(0), **run).images,
+        cond([3, 7], generator=seed(0), **run).images,
+    )
 
 
 # ------------------------------------------------------------------------------ components
 
 
-def test_mismatched_tokenizer_and_unet_are_refused():
+def test_mismatched_tokenizer_and_unet_are_refused(tiny_vqvae):
     scheduler = default_scheduler()
     with pytest.raises(ValueError, match="latents are 8×8×8.*UNet takes 4×8×8"):
         LatentDiffusionPipeline(tiny_vqvae(embed_dim=8), tiny_unet(), scheduler)
@@ -224,7 +248,8 @@ def test_mismatched_tokenizer_and_unet_are_refused():
         LatentDiffusionPipeline(tiny_vqvae(), tiny_unet(out_channels=8), scheduler)
     with pytest.raises(ValueError, match="latents are 4×8×8.*UNet takes 8×8×8"):
         ClassConditionalLatentDiffusionPipeline(
-            tiny_vqvae(), tiny_unet(in_channels=8, out_channels=8, num_class_embeds=3), scheduler)
+            tiny_vqvae(), tiny_unet(in_channels=8, out_channels=8, num_class_embeds=3), scheduler
+        )
     with pytest.raises(ValueError, match="class-conditional.*use ClassConditional"):
         LatentDiffusionPipeline(tiny_vqvae(), tiny_unet(num_class_embeds=3), scheduler)
     with pytest.raises(ValueError, match="needs a class-conditional UNet.*num_class_embeds=None"):
@@ -248,10 +273,16 @@ def test_diffusers_asks_before_running_the_saved_code(uncond, tmp_path):
 def test_default_scheduler_is_ldm_ddim():
     config = default_scheduler().config
     assert type(default_scheduler()).__name__ == "DDIMScheduler"
-    assert (config.num_train_timesteps, config.beta_start, config.beta_end, config.beta_schedule,
-            config.clip_sample, config.set_alpha_to_one, config.steps_offset,
-            config.prediction_type) == (1000, 0.0015, 0.0195, "scaled_linear", False, False, 1,
-                                        "epsilon")
+    assert (
+        config.num_train_timesteps,
+        config.beta_start,
+        config.beta_end,
+        config.beta_schedule,
+        config.clip_sample,
+        config.set_alpha_to_one,
+        config.steps_offset,
+        config.prediction_type,
+    ) == (1000, 0.0015, 0.0195, "scaled_linear", False, False, 1, "epsilon")
     assert default_scheduler(500).config.num_train_timesteps == 500
 
 
@@ -260,12 +291,12 @@ def test_default_scheduler_is_ldm_ddim():
 LOADERS = {  # (a) our class, (b) diffusers with the folder's code, (c) diffusers' LDMPipeline
     "ours": "import pipelines\npipe = pipelines.{cls}.from_pretrained({folder!r})",
     "diffusers": "from diffusers import DiffusionPipeline\n"
-                 "pipe = DiffusionPipeline.from_pretrained({folder!r}, trust_remote_code=True)",
+    "pipe = DiffusionPipeline.from_pretrained({folder!r}, trust_remote_code=True)",
     "ldm": "from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel\n"
-           "from tokenizer import VQTokenizer\n"
-           "pipe = LDMPipeline(vqvae=VQTokenizer.from_pretrained({folder!r}, subfolder='vqvae'),\n"
-           "    unet=UNet2DModel.from_pretrained({folder!r}, subfolder='unet'),\n"
-           "    scheduler=DDIMScheduler.from_pretrained({folder!r}, subfolder='scheduler'))",
+    "from tokenizer import VQTokenizer\n"
+    "pipe = LDMPipeline(vqvae=VQTokenizer.from_pretrained({folder!r}, subfolder='vqvae'),\n"
+    "    unet=UNet2DModel.from_pretrained({folder!r}, subfolder='unet'),\n"
+    "    scheduler=DDIMScheduler.from_pretrained({folder!r}, subfolder='scheduler'))",
 }
 JOB = """
 {load}
@@ -280,33 +311,49 @@ CALLS = {"uncond": "batch_size=2", "cond": "[3, 7], guidance_scale=2.0"}
 
 
 @pytest.fixture(scope="module")
-def fresh_loads(tmp_path_factory):
+def fresh_loads(tmp_path_factory, tiny_vqvae):
     """Both pipelines saved with a plain ``save_pretrained``, then loaded and sampled in fresh
     Python processes (three at once, diffusers' loads each alone): their images and classes,
     with the in-process images and the folders."""
     tmp = tmp_path_factory.mktemp("fresh")
     expected, folders = {}, {}
-    for kind, pipe in (("uncond", make_uncond()), ("cond", make_cond())):
+    for kind, pipe in (("uncond", make_uncond(tiny_vqvae)), ("cond", make_cond(tiny_vqvae))):
         expected[kind] = sample(pipe, **({"guidance_scale": 2.0} if kind == "cond" else {}))
         folders[kind] = tmp / kind
         pipe.save_pretrained(folders[kind])
-    processes = [[("uncond", "ldm"), ("uncond", "ours"), ("cond", "ours")],
-                 [("uncond", "diffusers")], [("cond", "diffusers")]]
+    processes = [
+        [("uncond", "ldm"), ("uncond", "ours"), ("cond", "ours")],
+        [("uncond", "diffusers")],
+        [("cond", "diffusers")],
+    ]
     env = {**os.environ, "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1"}
     runs = []
     for jobs in processes:
         script = "import json, os, sys\nimport numpy as np, torch\nout, info = sys.argv[1], {}\n"
         for kind, loader in jobs:
-            cls = "LatentDiffusionPipeline" if kind == "uncond" else \
-                "ClassConditionalLatentDiffusionPipeline"
+            cls = (
+                "LatentDiffusionPipeline"
+                if kind == "uncond"
+                else "ClassConditionalLatentDiffusionPipeline"
+            )
             load = LOADERS[loader].format(cls=cls, folder=str(folders[kind]))
             script += JOB.format(load=load, args=CALLS[kind], steps=STEPS, name=f"{kind}_{loader}")
         out = tmp / f"process{len(runs)}"
         out.mkdir()
         script += "json.dump(info, open(os.path.join(out, 'info.json'), 'w'))\n"
-        runs.append((out, subprocess.Popen([sys.executable, "-c", script, str(out)], cwd=tmp,
-                                           env=env, stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT, text=True)))
+        runs.append(
+            (
+                out,
+                subprocess.Popen(
+                    [sys.executable, "-c", script, str(out)],
+                    cwd=tmp,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                ),
+            )
+        )
     loaded = {}
     for out, run in runs:
         output = run.communicate(timeout=300)[0]
@@ -329,7 +376,8 @@ def test_unconditional_save_and_load_in_fresh_processes(fresh_loads):
     assert loaded["uncond_ours"][1]["class"] == "pipelines.unconditional.LatentDiffusionPipeline"
     assert loaded["uncond_diffusers"][1] == {  # the code saved in the folder, not our package
         "class": "diffusers_modules.local.unconditional.LatentDiffusionPipeline",
-        "our_package_imported": False}
+        "our_package_imported": False,
+    }
     assert loaded["uncond_ldm"][1]["class"].endswith("pipeline_latent_diffusion_uncond.LDMPipeline")
 
 
@@ -338,9 +386,12 @@ def test_class_conditional_save_and_load_in_fresh_processes(fresh_loads):
     check_folder(folders["cond"], "class_conditional", "ClassConditionalLatentDiffusionPipeline")
     for name in ("cond_ours", "cond_diffusers"):
         np.testing.assert_array_equal(loaded[name][0], expected["cond"], err_msg=name)
-    assert loaded["cond_ours"][1]["class"] == \
-        "pipelines.class_conditional.ClassConditionalLatentDiffusionPipeline"
+    assert (
+        loaded["cond_ours"][1]["class"]
+        == "pipelines.class_conditional.ClassConditionalLatentDiffusionPipeline"
+    )
     assert loaded["cond_diffusers"][1] == {
         "class": "diffusers_modules.local.class_conditional."
-                 "ClassConditionalLatentDiffusionPipeline",
-        "our_package_imported": False}
+        "ClassConditionalLatentDiffusionPipeline",
+        "our_package_imported": False,
+    }

@@ -39,6 +39,7 @@ def test_any_process_single_process():
     from accelerate import Accelerator
 
     from engine.distributed import any_process
+
     accelerator = Accelerator(cpu=True)
     assert not any_process(accelerator, not torch.isfinite(torch.tensor(1.0)))
     assert any_process(accelerator, not torch.isfinite(torch.tensor(float("nan"))))
@@ -52,6 +53,7 @@ def test_sigterm_sets_a_stop_flag_and_the_handler_is_restored():
     from accelerate import Accelerator
 
     from engine.run import StopRequest
+
     before = signal.getsignal(signal.SIGTERM)
     stop = StopRequest(Accelerator(cpu=True))
     assert not stop.requested()

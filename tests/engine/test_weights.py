@@ -22,8 +22,11 @@ def test_cached_file_is_used_without_download(hub, monkeypatch):
 def test_downloads_into_the_cache_when_allowed(hub, monkeypatch):
     monkeypatch.delenv(NO_DOWNLOAD)
     calls = []
-    monkeypatch.setattr(torch.hub, "download_url_to_file",
-                        lambda url, dst, progress: calls.append(url) or open(dst, "wb").close())
+    monkeypatch.setattr(
+        torch.hub,
+        "download_url_to_file",
+        lambda url, dst, progress: calls.append(url) or open(dst, "wb").close(),
+    )
     assert cached_weights(URL, "X", "or else") == hub and hub.is_file()
     assert calls == [URL]
 

@@ -3,12 +3,16 @@ each sees different data."""
 
 import json
 
-from launch import ROOT, launch_two_processes
+import pytest
+
+from tests.launch import ROOT, launch_two_processes
+
+pytestmark = pytest.mark.slow  # subprocesses, two processes: minutes
 
 
 def test_codebooks_identical_on_two_processes_with_different_data(tmp_path):
     report_path = tmp_path / "report.json"
-    launch_two_processes(ROOT / "tests" / "distributed_worker.py", str(report_path))
+    launch_two_processes(ROOT / "tests" / "workers" / "distributed_worker.py", str(report_path))
     report = json.loads(report_path.read_text())
     assert report.pop("world_size") == 2
     assert report.pop("skip_agreed") and report.pop("finite_agreed")

@@ -1,4 +1,4 @@
-"""Run by tests/test_distributed.py under
+"""Run by tests/tokenizer/test_distributed.py under
 ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2``.
 
 Each rank trains a tiny encoder + quantizer (DDP) on its own, different data for many steps and
@@ -22,8 +22,10 @@ SETTINGS = {
     "cvq-random": ("cvq", dict(num_codes=32, code_dim=8, anchor="random")),
     "cvq-unique": ("cvq", dict(num_codes=32, code_dim=8, anchor="unique", distance="l2")),
     "cvq-probabilistic": ("cvq", dict(num_codes=32, code_dim=8, anchor="probabilistic")),
-    "cvq-offline-contrastive": ("cvq", dict(num_codes=32, code_dim=8, online=False,
-                                            contrastive_weight=1.0)),
+    "cvq-offline-contrastive": (
+        "cvq",
+        dict(num_codes=32, code_dim=8, online=False, contrastive_weight=1.0),
+    ),
     "looc": ("looc", dict(num_codes=16, code_dim=4)),
     "vq-ema": ("vq", dict(num_codes=32, code_dim=8, ema=True)),
 }

@@ -9,8 +9,15 @@ import torchvision
 import tokenizer.losses as losses
 from engine.config import from_mapping
 from tokenizer.losses import (
-    ActNorm, LossConfig, PatchDiscriminator, VQGANLoss, adaptive_weight, build_lpips,
-    hinge_d_loss, vanilla_d_loss)
+    ActNorm,
+    LossConfig,
+    PatchDiscriminator,
+    VQGANLoss,
+    adaptive_weight,
+    build_lpips,
+    hinge_d_loss,
+    vanilla_d_loss,
+)
 
 VGG_FILE = "vgg16-397923af.pth"
 
@@ -50,14 +57,15 @@ def snapshot(module):
 
 # ---- adaptive weight (Esser et al. Eq. 7) ---------------------------------------------------
 
+
 def test_adaptive_weight_matches_hand_computation_and_scales_with_disc_weight():
     decoder, rec = reconstruct()
     x = images()
     nll = (x - rec).abs().mean()
     g = -(rec * torch.linspace(-1, 1, 32)).mean()
     w = decoder.conv.weight
-    gn, = torch.autograd.grad(nll, w, retain_graph=True)
-    gg, = torch.autograd.grad(g, w, retain_graph=True)
+    (gn,) = torch.autograd.grad(nll, w, retain_graph=True)
+    (gg,) = torch.autograd.grad(g, w, retain_graph=True)
     expected = gn.norm() / (gg.norm() + 1e-4)
     assert 0 < expected < 1e4
     lam = adaptive_weight(nll, g, w, disc_weight=1.0)
@@ -65,8 +73,9 @@ def test_adaptive_weight_matches_hand_computation_and_scales_with_disc_weight():
     torch.testing.assert_close(adaptive_weight(nll, g, w, disc_weight=0.75), 0.75 * expected)
     assert not lam.requires_grad
     # clamping to max_weight, applied before the disc_weight scaling
-    torch.testing.assert_close(adaptive_weight(nll, g, w, 0.5, max_weight=expected.item() / 2),
-                               0.25 * expected)
+    torch.testing.assert_close(
+        adaptive_weight(nll, g, w, 0.5, max_weight=expected.item() / 2), 0.25 * expected
+    )
     big_nll, tiny_g = 100 * nll, 1e-9 * g  # ratio ≈ ‖∇big_nll‖/1e-4 ≫ 1e4 → clamped at 1e4
     assert (100 * gn.norm() / (1e-9 * gg.norm() + 1e-4)) > 1e5
     torch.testing.assert_close(adaptive_weight(big_nll, tiny_g, w, 1.0), torch.tensor(1e4))
@@ -75,18 +84,22 @@ def test_adaptive_weight_matches_hand_computation_and_scales_with_disc_weight():
 
 # ---- d losses -------------------------------------------------------------------------------
 
+
 def test_hinge_and_vanilla_d_loss_on_fixed_logits():
     real = torch.tensor([2.0, 0.5, -1.0, 0.0])
     fake = torch.tensor([-2.0, -0.5, 1.0, 0.25])
     # relu(1 - real) = [0, .5, 2, 1] → .875; relu(1 + fake) = [0, .5, 2, 1.25] → .9375
     torch.testing.assert_close(hinge_d_loss(real, fake), torch.tensor(0.5 * (0.875 + 0.9375)))
     sp = lambda v: torch.log1p(torch.exp(torch.tensor(v)))  # noqa: E731
-    expected = 0.5 * ((sp(-2.0) + sp(-0.5) + sp(1.0) + sp(0.0)) / 4
-                      + (sp(-2.0) + sp(-0.5) + sp(1.0) + sp(0.25)) / 4)
+    expected = 0.5 * (
+        (sp(-2.0) + sp(-0.5) + sp(1.0) + sp(0.0)) / 4
+        + (sp(-2.0) + sp(-0.5) + sp(1.0) + sp(0.25)) / 4
+    )
     torch.testing.assert_close(vanilla_d_loss(real, fake), expected)
 
 
 # ---- discriminator --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("size", [32, 64])
 @pytest.mark.parametrize("n_layers", [1, 2, 3])
@@ -94,10 +107,10 @@ def test_hinge_and_vanilla_d_loss_on_fixed_logits():
 def test_patch_discriminator_shapes_and_structure(size, n_layers, norm):
     d = PatchDiscriminator(in_channels=3, ndf=8, n_layers=n_layers, norm=norm)
     out = d(images(size=size))
-    side = size // 2 ** n_layers - 2
+    side = size // 2**n_layers - 2
     assert out.shape == (2, 1, side, side)
     convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
-    widths = [8 * min(2 ** n, 8) for n in range(n_layers + 1)]
+    widths = [8 * min(2**n, 8) for n in range(n_layers + 1)]
     assert [c.out_channels for c in convs] == widths + [1]
     assert [c.stride[0] for c in convs] == [2] * n_layers + [1, 1]
     norm_type = nn.BatchNorm2d if norm == "batch" else ActNorm
@@ -147,6 +160,7 @@ def test_actnorm_does_not_initialise_in_eval_mode():
 
 # ---- VQGANLoss ------------------------------------------------------------------------------
 
+
 def test_discriminator_untouched_before_disc_start():
     loss = gan_loss(disc_start=100)
     calls = []
@@ -187,8 +201,8 @@ def test_total_generator_loss_equals_its_terms():
     nll = 2.0 * (x - rec).abs().mean()
     g = -loss.discriminator(rec).mean()  # train-mode BN: same batch → same logits
     w = decoder.conv.weight
-    gn, = torch.autograd.grad(nll, w, retain_graph=True)
-    gg, = torch.autograd.grad(g, w, retain_graph=True)
+    (gn,) = torch.autograd.grad(nll, w, retain_graph=True)
+    (gg,) = torch.autograd.grad(g, w, retain_graph=True)
     lam = 0.8 * (gn.norm() / (gg.norm() + 1e-4))
     expected = nll + lam * 0.5 * g + 0.25 * q
     torch.testing.assert_close(total, expected)
@@ -234,22 +248,31 @@ def test_adaptive_weight_falls_back_to_zero_without_grad():
 def test_plain_vqvae_setting_builds_neither_lpips_nor_discriminator(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("must not be built")
+
     monkeypatch.setattr(losses, "build_lpips", forbidden)
     monkeypatch.setattr(losses, "PatchDiscriminator", forbidden)
-    loss = VQGANLoss({"pixel_loss": "l2", "perceptual_weight": 0, "disc_weight": 0,
-                      "codebook_weight": 1.0, "disc_start": 0})
+    loss = VQGANLoss(
+        {
+            "pixel_loss": "l2",
+            "perceptual_weight": 0,
+            "disc_weight": 0,
+            "codebook_weight": 1.0,
+            "disc_start": 0,
+        }
+    )
     assert loss.lpips is None and loss.discriminator is None
-    assert list(loss.parameters()) == [] and not loss.disc_active(10 ** 9)
+    assert list(loss.parameters()) == [] and not loss.disc_active(10**9)
     decoder, rec = reconstruct()
     x, q = images(), torch.tensor(0.4)
-    total, logs = loss.generator_loss(x, rec, q, decoder.conv.weight, step=10 ** 9)
+    total, logs = loss.generator_loss(x, rec, q, decoder.conv.weight, step=10**9)
     torch.testing.assert_close(total, F.mse_loss(rec, x) + q)
     assert logs["perceptual"] == 0.0 and logs["g_loss"] == 0.0
-    d_loss, _ = loss.discriminator_loss(x, rec, step=10 ** 9)
+    d_loss, _ = loss.discriminator_loss(x, rec, step=10**9)
     assert d_loss.item() == 0.0
 
 
 # ---- LPIPS ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def random_lpips():
@@ -283,8 +306,10 @@ def test_perceptual_term_in_nll_and_lpips_stays_in_eval(random_lpips, monkeypatc
 @pytest.fixture
 def hub_dir(tmp_path, monkeypatch):
     """Empty temporary torch hub dir; downloads are forbidden; the old hub dir is restored."""
+
     def no_download(url, *args, **kwargs):
         raise AssertionError(f"tried to download {url}")
+
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     old = torch.hub.get_dir()
     torch.hub.set_dir(str(tmp_path / "hub"))
@@ -322,21 +347,36 @@ def test_build_lpips_loads_cached_vgg_weights_without_network(hub_dir):
 
 # ---- config validation ----------------------------------------------------------------------
 
+
 def test_unknown_config_key_is_named_with_allowed_keys():
     with pytest.raises(ValueError, match="disc_wieght") as err:
         VQGANLoss({"disc_wieght": 0.5, "perceptual_weight": 0}, lpips_pretrained=False)
     assert "disc_weight" in str(err.value) and "codebook_weight" in str(err.value)
 
 
-@pytest.mark.parametrize("key,value", [
-    ("pixel_loss", "l3"), ("disc_loss", "wgan"), ("disc_norm", "group"),
-    ("perceptual_weight", -1.0), ("disc_weight", -0.1), ("codebook_weight", -2),
-    ("pixel_weight", -1), ("disc_factor", -1.0), ("disc_layers", 0), ("disc_start", -5),
-    ("disc_channels", 2.5), ("disc_weight", "much")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("pixel_loss", "l3"),
+        ("disc_loss", "wgan"),
+        ("disc_norm", "group"),
+        ("perceptual_weight", -1.0),
+        ("disc_weight", -0.1),
+        ("codebook_weight", -2),
+        ("pixel_weight", -1),
+        ("disc_factor", -1.0),
+        ("disc_layers", 0),
+        ("disc_start", -5),
+        ("disc_channels", 2.5),
+        ("disc_weight", "much"),
+    ],
+)
 def test_invalid_config_values_name_key_and_value(key, value):
     with pytest.raises(ValueError, match=key) as err:
-        VQGANLoss({key: value, "perceptual_weight": 0} if key != "perceptual_weight"
-                  else {key: value}, lpips_pretrained=False)
+        VQGANLoss(
+            {key: value, "perceptual_weight": 0} if key != "perceptual_weight" else {key: value},
+            lpips_pretrained=False,
+        )
     assert repr(value) in str(err.value)
     with pytest.raises(ValueError, match=key):
         LossConfig(**{key: value})
@@ -352,8 +392,10 @@ def test_config_accepts_dataclass_and_parses_numeric_strings():
 
 def test_generator_step_leaves_discriminator_gradients_alone():
     torch.manual_seed(0)
-    loss = VQGANLoss({"perceptual_weight": 0.0, "disc_start": 0, "disc_channels": 8,
-                      "disc_layers": 1}, lpips_pretrained=False)
+    loss = VQGANLoss(
+        {"perceptual_weight": 0.0, "disc_start": 0, "disc_channels": 8, "disc_layers": 1},
+        lpips_pretrained=False,
+    )
     decoder = torch.nn.Conv2d(3, 3, 3, padding=1)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     recon = decoder(x)
