@@ -24,7 +24,7 @@ from torchvision.utils import save_image
 from engine.config import ConfigError, check_types, parse_yaml, require, to_mapping
 from engine.data import DataConfig, check_source_exists
 from engine.distributed import check_replicas_agree
-from engine.run import Run, check_precision, seeded_batches
+from engine.run import Run, check_precision
 from pipelines import (
     ClassConditionalLatentDiffusionPipeline,
     LatentDiffusionPipeline,
@@ -267,29 +267,10 @@ def train_diffusion(
     )
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
     ema.to(accelerator.device)
-    run = Run(
-        accelerator,
-        output_dir,
-        to_mapping(config),
-        {"ema": ema},
-        resume=resume,
-        max_steps=train.max_steps,
-        checkpoint_every=train.checkpoint_every,
-        keep_checkpoints=train.keep_checkpoints,
-        max_nonfinite_steps=train.max_nonfinite_steps,
-        name="diffusion",
-    )
+    run = Run(accelerator, output_dir, config, {"ema": ema}, resume=resume, name="diffusion")
 
     noise_schedule = training_scheduler()
-    batches = seeded_batches(
-        cache,
-        train.batch_size,
-        train.gradient_accumulation_steps,
-        train.seed,
-        train.num_workers,
-        accelerator,
-        run.step,
-    )
+    batches = run.batches(cache)
     for step in run.steps():
         for _ in range(train.gradient_accumulation_steps):
             batch = next(batches)

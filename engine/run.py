@@ -2,8 +2,8 @@
 states, resuming, the non-finite guard, the progress bar, logging and pre-emption, so that a
 trainer's loop reads top to bottom::
 
-    run = Run(accelerator, output_dir, config, states, resume=..., max_steps=..., ...)
-    batches = seeded_batches(dataset, ..., accelerator, start_step=run.step)
+    run = Run(accelerator, output_dir, config, {"ema": ema}, resume=resume, name="diffusion")
+    batches = run.batches(dataset)         # seeded, resumed exactly where the run stopped
     for step in run.steps():               # 0, 1, ...: the steps done so far
         for _ in range(accumulation):
             loss = ...
@@ -12,7 +12,7 @@ trainer's loop reads top to bottom::
             accelerator.backward(loss); optimizer.step()
         if run.skipped:
             continue
-        if run.due(log_every):
+        if run.due(config.train.log_every):
             run.log({"loss": loss.item()})
 
 Also here: the seeded, resumable batch order, the precision check and what the scripts report
@@ -40,7 +40,7 @@ from .checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
-from .config import ConfigError
+from .config import ConfigError, to_mapping
 from .data import UnreadableImageError
 from .distributed import any_process, mean_over_processes
 
@@ -152,8 +152,11 @@ class Preempted(Exception):
 
 
 class Run:
-    """One training run: resumed from ``resume`` ("latest" or a checkpoint folder) if asked,
-    ``config`` written to OUTPUT_DIR/config.yaml, the trackers started (OUTPUT_DIR/logs).
+    """One training run of ``config`` (a whole config dataclass whose ``train`` section has
+    ``max_steps``, ``batch_size``, ``gradient_accumulation_steps``, ``seed``, ``num_workers``,
+    ``checkpoint_every``, ``keep_checkpoints`` and ``max_nonfinite_steps``): resumed from
+    ``resume`` ("latest" or a checkpoint folder) if asked, the config as run written to
+    OUTPUT_DIR/config.yaml, the trackers started (OUTPUT_DIR/logs).
 
     ``states`` are the run's own objects with ``state_dict``/``load_state_dict`` (an EMA, say),
     saved in every checkpoint beside accelerate's state and the step counter, and loaded
@@ -165,23 +168,19 @@ class Run:
         self,
         accelerator: Accelerator,
         output_dir: str | Path,
-        config: dict,
+        config: Any,
         states: dict[str, Any],
         *,
         resume: str | None,
-        max_steps: int,
-        checkpoint_every: int,
-        keep_checkpoints: int,
-        max_nonfinite_steps: int,
         name: str,
     ):
-        self.accelerator, self.max_steps, self.name = accelerator, max_steps, name
-        self.checkpoint_every, self.keep_checkpoints = checkpoint_every, keep_checkpoints
+        self.accelerator, self.train, self.name = accelerator, config.train, name
+        self.max_steps = config.train.max_steps
         self.output_dir = Path(output_dir)
         self.checkpoints = self.output_dir / "checkpoints"
         self.states = {"progress": self, **states}
         self.step, self.skipped = 0, False
-        self.guard = NonFiniteGuard(max_nonfinite_steps, self.checkpoints, accelerator)
+        self.guard = NonFiniteGuard(config.train.max_nonfinite_steps, self.checkpoints, accelerator)
         start = resolve_resume(resume, self.checkpoints)
         if start is not None:
             load_checkpoint(accelerator, start, self.states)
@@ -192,8 +191,24 @@ class Run:
             )
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            (self.output_dir / "config.yaml").write_text(
+                yaml.safe_dump(to_mapping(config), sort_keys=False)
+            )
         accelerator.init_trackers("logs")
+
+    def batches(self, dataset: Dataset):
+        """This process's micro-batches of ``dataset`` from the step the run starts at
+        (:func:`seeded_batches` with the ``train`` section's settings)."""
+        t = self.train
+        return seeded_batches(
+            dataset,
+            t.batch_size,
+            t.gradient_accumulation_steps,
+            t.seed,
+            t.num_workers,
+            self.accelerator,
+            self.step,
+        )
 
     def state_dict(self) -> dict[str, int]:
         return {"step": self.step}
@@ -228,7 +243,7 @@ class Run:
                     continue
                 self.step += 1
                 self.bar.update(1)
-                if self.step % self.checkpoint_every == 0 or self.step == self.max_steps:
+                if self.step % self.train.checkpoint_every == 0 or self.step == self.max_steps:
                     self.save()
                     saved = self.step
         except Preempted:
@@ -262,7 +277,7 @@ class Run:
     def save(self) -> Path:
         """A checkpoint of the steps done, written by every process together."""
         return save_checkpoint(
-            self.accelerator, self.checkpoints, self.step, self.keep_checkpoints, self.states
+            self.accelerator, self.checkpoints, self.step, self.train.keep_checkpoints, self.states
         )
 
 

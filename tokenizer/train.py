@@ -22,11 +22,10 @@ from engine.config import (
     check_types,
     require,
     signature_hints,
-    to_mapping,
 )
 from engine.data import DataConfig, build_dataset, check_source_exists
 from engine.distributed import check_replicas_agree
-from engine.run import Run, check_precision, seeded_batches
+from engine.run import Run, check_precision
 
 from .losses import LossConfig, VQGANLoss
 from .model import VQTokenizer
@@ -201,30 +200,11 @@ def train_tokenizer(
         )
         loss_fn.discriminator, opt_d = accelerator.prepare(loss_fn.discriminator, opt_d)
     trained = [model] if opt_d is None else [model, loss_fn.discriminator]
-    run = Run(
-        accelerator,
-        output_dir,
-        to_mapping(config),
-        {},
-        resume=resume,
-        max_steps=train.max_steps,
-        checkpoint_every=train.checkpoint_every,
-        keep_checkpoints=train.keep_checkpoints,
-        max_nonfinite_steps=train.max_nonfinite_steps,
-        name="tokenizer",
-    )
+    run = Run(accelerator, output_dir, config, {}, resume=resume, name="tokenizer")
 
     unwrapped = accelerator.unwrap_model(model)
     fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
-    batches = seeded_batches(
-        train_set,
-        train.batch_size,
-        train.gradient_accumulation_steps,
-        train.seed,
-        train.num_workers,
-        accelerator,
-        run.step,
-    )
+    batches = run.batches(train_set)
     for step in run.steps():
         for _ in range(train.gradient_accumulation_steps):
             x = next(batches)["pixel_values"].to(accelerator.device)
