@@ -15,8 +15,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from accelerate import Accelerator
-from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torchvision.utils import save_image
@@ -24,7 +22,7 @@ from torchvision.utils import save_image
 from engine.config import ConfigError, check_types, parse_yaml, require, to_mapping
 from engine.data import DataConfig, check_source_exists
 from engine.distributed import check_replicas_agree
-from engine.run import Run, check_precision
+from engine.run import Run, learning_rate, start_accelerator
 from pipelines import (
     ClassConditionalLatentDiffusionPipeline,
     LatentDiffusionPipeline,
@@ -210,14 +208,7 @@ def train_diffusion(
     output_dir = Path(output_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_compatible(config, tokenizer)
-    accelerator = Accelerator(
-        mixed_precision=train.mixed_precision,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        log_with="tensorboard",
-        project_dir=str(output_dir),
-    )
-    check_precision(accelerator)
-    set_seed(train.seed)
+    accelerator = start_accelerator(train, output_dir)
     tokenizer.to(accelerator.device)
 
     cache = build_latent_cache(
@@ -254,9 +245,7 @@ def train_diffusion(
         model_cls=type(unet),
         model_config=unet.config,
     )
-    lr = train.learning_rate
-    if train.scale_lr:
-        lr *= train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
+    lr = learning_rate(train, accelerator)
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=lr, betas=tuple(train.adam_betas), weight_decay=train.weight_decay
     )

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -97,6 +98,28 @@ def check_precision(accelerator: Accelerator) -> None:
         raise ConfigError(
             "train.mixed_precision = 'bf16' is not supported by this GPU; choose fp16 or no"
         )
+
+
+def start_accelerator(train: Any, output_dir: str | Path) -> Accelerator:
+    """The run's accelerator from its ``train`` section (``mixed_precision``,
+    ``gradient_accumulation_steps``; TensorBoard logs under ``output_dir``), its precision
+    checked against the device, every random generator seeded with ``train.seed``."""
+    accelerator = Accelerator(
+        mixed_precision=train.mixed_precision,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+    )
+    check_precision(accelerator)
+    set_seed(train.seed)
+    return accelerator
+
+
+def learning_rate(train: Any, accelerator: Accelerator) -> float:
+    """``train.learning_rate``, times batch × accumulation × processes if ``train.scale_lr``
+    (taming-transformers' and LDM's rule)."""
+    scale = train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
+    return train.learning_rate * (scale if train.scale_lr else 1)
 
 
 class NonFiniteGuard:

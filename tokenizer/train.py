@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import broadcast
 from torchvision.utils import save_image
 
 from engine.config import (
@@ -25,7 +24,7 @@ from engine.config import (
 )
 from engine.data import DataConfig, build_dataset, check_source_exists
 from engine.distributed import check_replicas_agree
-from engine.run import Run, check_precision
+from engine.run import Run, learning_rate, start_accelerator
 
 from .losses import LossConfig, VQGANLoss
 from .model import VQTokenizer
@@ -175,22 +174,13 @@ def train_tokenizer(
     train = config.train
     check_source_exists(config.data)  # before anything is built (configs may name absent data)
     output_dir = Path(output_dir)
-    accelerator = Accelerator(
-        mixed_precision=train.mixed_precision,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        log_with="tensorboard",
-        project_dir=str(output_dir),
-    )
-    check_precision(accelerator)
-    set_seed(train.seed)
+    accelerator = start_accelerator(train, output_dir)
     model = VQTokenizer(**config.model)
     loss_fn = VQGANLoss(config.loss).to(accelerator.device)  # fails fast without VGG weights
     with accelerator.local_main_process_first():  # it lists the data once for everyone
         train_set = build_dataset(config.data, "train")
         val_set = build_dataset(config.data, "validation")
-    lr = train.learning_rate
-    if train.scale_lr:
-        lr *= train.batch_size * train.gradient_accumulation_steps * accelerator.num_processes
+    lr = learning_rate(train, accelerator)
     opt_g = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(train.adam_betas))
     model, opt_g = accelerator.prepare(model, opt_g)
     opt_d = None
