@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from engine.config import from_mapping
+from engine.config import from_mapping, require
 from engine.data import PARTS, DataConfig, build_dataset
 from engine.distributed import main_process_decides
 from tokenizer.model import VQTokenizer
@@ -93,6 +93,12 @@ def _data_config(config: DataConfig | Mapping[str, Any], part: str) -> DataConfi
         config = from_mapping(DataConfig, dict(config), "data")
     elif not isinstance(config, DataConfig):
         raise TypeError(f"data_config must be a DataConfig or a dict, got {type(config).__name__}")
+    require(
+        not config.streaming,
+        "data.streaming",
+        config.streaming,
+        "the latent cache reads every image of the part once anyway: set data.streaming: false",
+    )
     if part == "train" and (config.flip or config.crop == "random"):
         warnings.warn(
             "the latent cache stores fixed views: data.flip and random crops are "
@@ -206,6 +212,9 @@ def _encode_shards(
         batch_sampler=[list(c) for c in chunks],
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        # a private generator: processes encode different numbers of shards, and must not leave
+        # with different global random states
+        generator=torch.Generator(),
     )
     latents: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []  # of the shard being encoded

@@ -14,22 +14,20 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from torchvision.utils import save_image
 
-from engine.config import ConfigError, check_types, parse_yaml, require, to_mapping
+from engine.config import ConfigError, check_types, require, to_mapping
 from engine.data import DataConfig, check_source_exists
 from engine.distributed import check_replicas_agree
-from engine.run import Run, learning_rate, start_accelerator
+from engine.run import Run, RunConfig, export, learning_rate, start_accelerator
+from engine.weights import init_from
 from pipelines import (
     ClassConditionalLatentDiffusionPipeline,
     LatentDiffusionPipeline,
     default_scheduler,
 )
-from pipelines.model_card import write_model_card
-from pipelines.sampling import TRAINING_CONFIG
+from pipelines.export import describe_export
 from tokenizer import VQTokenizer
 
 from .evaluate import EvalConfig
@@ -77,65 +75,49 @@ class CacheConfig:
 
 
 @dataclass
-class DiffusionTrainConfig:
-    """``train`` section.
+class DiffusionTrainConfig(RunConfig):
+    """``train`` section: the keys of :class:`engine.run.RunConfig` (defaults below), and
 
-    max_steps, batch_size (latents per process per micro-batch), gradient_accumulation_steps,
-    mixed_precision ("no" | "fp16" | "bf16"), seed, num_workers: as for the tokenizer.
-    learning_rate: AdamW learning rate after warm-up; scale_lr multiplies it by batch_size ×
-      gradient_accumulation_steps × processes (LDM's rule).
+    learning_rate: AdamW learning rate after warm-up.
     adam_betas, weight_decay: AdamW settings.
     warmup_steps: linear learning-rate warm-up.
-    max_grad_norm: gradient clipping (null: none).
     ema_decay: decay of the UNet's EMA (0.9999), reached through EMA warm-up
       1 − (1 + step)^−ema_power; the exported pipeline uses the EMA weights.
     ema_power: EMA warm-up power (2/3 for long runs, 3/4 for short ones).
     label_dropout: probability of replacing a class label by the null class (class-conditional
       models only), which trains the unconditional branch of classifier-free guidance.
-    log_every, checkpoint_every, keep_checkpoints, max_nonfinite_steps: as for the tokenizer.
-    sample_every: steps between sample grids from the EMA weights (OUTPUT_DIR/images).
+    validation_steps / validation_size: the validation loss is the denoising loss of the EMA
+      UNet on up to validation_size latents of the data's ``validation`` part (encoded once
+      beside the training latents), with fixed noise and timesteps spread evenly over the
+      schedule; OUTPUT_DIR/pipeline-best is the export of the lowest.
+    sample_every: steps between sample grids from the EMA weights (OUTPUT_DIR/images and the
+      tracker).
     sample_steps: DDIM steps for those grids.
     sample_guidance: guidance scale for the grids of class-conditional models.
+    init_from: start the UNet (and its EMA) from an exported pipeline's UNet: a pipeline folder,
+      a stage-two run folder or a UNet folder; the ``unet`` section must build the same one.
     """
 
     max_steps: int = 100000
     batch_size: int = 64
     learning_rate: float = 1e-4
-    scale_lr: bool = False
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
     warmup_steps: int = 500
-    max_grad_norm: float | None = 1.0
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"
     ema_decay: float = 0.9999
     ema_power: float = 0.75
     label_dropout: float = 0.1
-    seed: int = 0
-    num_workers: int = 0
     log_every: int = 50
+    validation_steps: int = 5000
     sample_every: int = 5000
     sample_steps: int = 50
     sample_guidance: float = 3.0
-    checkpoint_every: int = 5000
-    keep_checkpoints: int = 3
-    max_nonfinite_steps: int = 5
+    checkpointing_steps: int = 5000
 
     def __post_init__(self):
-        check_types(self, "train")
-        for key in (
-            "max_steps",
-            "batch_size",
-            "gradient_accumulation_steps",
-            "log_every",
-            "sample_every",
-            "sample_steps",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "max_nonfinite_steps",
-        ):
+        super().__post_init__()
+        for key in ("sample_every", "sample_steps"):
             require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
-        require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
         require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
         require(0 < self.ema_decay < 1, "train.ema_decay", self.ema_decay, "must be in (0, 1)")
         require(
@@ -143,12 +125,6 @@ class DiffusionTrainConfig:
             "train.label_dropout",
             self.label_dropout,
             "must be in [0, 1)",
-        )
-        require(
-            self.mixed_precision in ("no", "fp16", "bf16"),
-            "train.mixed_precision",
-            self.mixed_precision,
-            'choose "no", "fp16" or "bf16"',
         )
         require(
             self.sample_guidance >= 1, "train.sample_guidance", self.sample_guidance, "must be >= 1"
@@ -211,17 +187,24 @@ def train_diffusion(
     accelerator = start_accelerator(train, output_dir)
     tokenizer.to(accelerator.device)
 
-    cache = build_latent_cache(
-        tokenizer,
-        config.data,
-        config.cache.dir or output_dir / "latents",
+    cache_dir = Path(config.cache.dir or output_dir / "latents")
+    settings = dict(
         quantized=config.cache.quantized,
-        flips=config.cache.flips,
         dtype=config.cache.dtype,
         batch_size=config.cache.batch_size,
         shard_size=config.cache.shard_size,
         accelerator=accelerator,
         num_workers=config.cache.num_workers,
+    )
+    cache = build_latent_cache(
+        tokenizer, config.data, cache_dir, flips=config.cache.flips, **settings
+    )
+    held_out = build_latent_cache(
+        tokenizer,
+        config.data,
+        cache_dir.with_name(cache_dir.name + "-validation"),
+        part="validation",
+        **settings,
     )
     scale = measure_scaling_factor(cache)
     tokenizer.register_to_config(scaling_factor=float(scale))  # exported with the pipeline
@@ -237,14 +220,11 @@ def train_diffusion(
         )
     channels, side = cache.metadata["latent_shape"][0], cache.metadata["latent_shape"][-1]
     unet = build_unet(config.unet, channels, side)
-    ema = EMAModel(
-        unet.parameters(),
-        decay=train.ema_decay,
-        use_ema_warmup=True,
-        power=train.ema_power,
-        model_cls=type(unet),
-        model_config=unet.config,
-    )
+    if train.init_from:
+        found = init_from(unet, train.init_from, ("unet", "pipeline/unet"))
+        accelerator.print(f"UNet weights from {found}")
+    if train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     lr = learning_rate(train, accelerator)
     optimizer = torch.optim.AdamW(
         unet.parameters(), lr=lr, betas=tuple(train.adam_betas), weight_decay=train.weight_decay
@@ -255,12 +235,24 @@ def train_diffusion(
         num_warmup_steps=train.warmup_steps * accelerator.num_processes,
     )
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
-    ema.to(accelerator.device)
+    ema = EMAModel(  # of the prepared weights, which are process 0's on every process
+        unet.parameters(),
+        decay=train.ema_decay,
+        use_ema_warmup=True,
+        power=train.ema_power,
+        model_cls=type(accelerator.unwrap_model(unet)),
+        model_config=accelerator.unwrap_model(unet).config,
+    )
     run = Run(accelerator, output_dir, config, {"ema": ema}, resume=resume, name="diffusion")
+
+    def save_pipeline(folder: Path) -> None:
+        with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer, num_classes) as pipe:
+            pipe.save_pretrained(folder)
+        describe_export(folder, to_mapping(config), Path(tokenizer_dir), bool(num_classes))
 
     noise_schedule = training_scheduler()
     batches = run.batches(cache)
-    for step in run.steps():
+    for _step in run.steps():
         for _ in range(train.gradient_accumulation_steps):
             batch = next(batches)
             latents = batch["latents"].to(accelerator.device, non_blocking=True) * scale
@@ -297,11 +289,17 @@ def train_diffusion(
                 },
                 show=("loss",),
             )
+        if run.due(train.validation_steps):
+            with _ema_weights(accelerator.unwrap_model(unet), ema) as ema_unet:
+                value = validation_loss(
+                    accelerator, ema_unet, held_out, scale, noise_schedule, train, num_classes
+                )
+            if run.validated({"validation/loss": value}, "validation/loss"):
+                if accelerator.is_main_process:
+                    export(output_dir / "pipeline-best", save_pipeline)
         if accelerator.is_main_process and run.due(train.sample_every):
             with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer, num_classes) as pipe:
-                _save_grid(
-                    pipe, train, num_classes, output_dir / "images" / f"step_{step + 1:08d}.png"
-                )
+                run.log_image("samples", _samples(pipe, train, num_classes), 4)
 
     check_replicas_agree(
         accelerator,
@@ -310,64 +308,74 @@ def train_diffusion(
             **{f"ema.{i}": p for i, p in enumerate(ema.shadow_params)},
         },
     )
-    export = output_dir / "pipeline"
+    last = output_dir / "pipeline"
     if accelerator.is_main_process:
-        with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer, num_classes) as pipe:
-            pipe.save_pretrained(export)
-        describe_export(export, to_mapping(config), Path(tokenizer_dir), bool(num_classes))
-        accelerator.print(f"pipeline exported to {export} (latent scaling_factor {scale:.4f})")
+        export(last, save_pipeline)
+        accelerator.print(
+            f"pipeline exported to {last} (best validation: {last}-best; latent "
+            f"scaling_factor {scale:.4f})"
+        )
     accelerator.end_training()
-    return export
+    return last
 
 
-def describe_export(export: Path, config: dict, tokenizer_dir: Path, conditional: bool) -> None:
-    """Write the training configs of both stages into the pipeline folder
-    (``training_config.yaml``, read by ``scripts/eval_fid.py`` for its defaults) and its model
-    card."""
-    tokenizer_config = tokenizer_dir.parent / "config.yaml"
-    configs = {
-        "diffusion": config,
-        "tokenizer": (
-            parse_yaml(tokenizer_config.read_text()) if tokenizer_config.is_file() else None
-        ),
-    }
-    (export / TRAINING_CONFIG).write_text(yaml.safe_dump(configs, sort_keys=False))
-    cls = ClassConditionalLatentDiffusionPipeline if conditional else LatentDiffusionPipeline
-    write_model_card(export, cls.__name__, configs, conditional)
+@torch.no_grad()
+def validation_loss(accelerator, unet, held_out, scale, noise_schedule, train, num_classes):
+    """The denoising loss (ε-MSE) of ``unet`` on the first ``train.validation_size`` latents of
+    ``held_out``, with true labels, noise drawn once from ``train.seed`` and timesteps spread
+    evenly over the schedule; each process takes every N-th latent, the mean is over all."""
+    n = min(train.validation_size, len(held_out))
+    generator = torch.Generator().manual_seed(train.seed)
+    noise_all = torch.randn((n, *held_out.metadata["latent_shape"]), generator=generator)
+    steps = noise_schedule.config.num_train_timesteps
+    t_all = torch.linspace(0, steps - 1, n).round().long()
+    total = torch.zeros(2, device=accelerator.device)  # squared-error sum, elements
+    mine = range(accelerator.process_index, n, accelerator.num_processes)
+    for start in range(0, len(mine), train.batch_size):
+        ids = list(mine[start : start + train.batch_size])
+        items = [held_out[i] for i in ids]
+        latents = torch.stack([item["latents"] for item in items]).to(accelerator.device) * scale
+        noise, t = noise_all[ids].to(latents.device), t_all[ids].to(latents.device)
+        labels = None
+        if num_classes:
+            labels = torch.stack([item["label"] for item in items]).to(latents.device)
+        with accelerator.autocast():
+            noisy = noise_schedule.add_noise(latents, noise, t)
+            prediction = unet(noisy, t, class_labels=labels).sample
+        total += torch.stack(
+            [(prediction.float() - noise).pow(2).sum(), torch.tensor(noise.numel())]
+        ).to(total)
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1].clamp(min=1)).item()
 
 
 @contextmanager
-def _ema_pipeline(unet, ema: EMAModel, tokenizer: VQTokenizer, num_classes: int):
-    """A pipeline whose UNet holds the EMA weights for the duration of the block."""
+def _ema_weights(unet, ema: EMAModel):
+    """``unet`` holding the EMA weights, in eval mode, for the duration of the block."""
     ema.store(unet.parameters())
     ema.copy_to(unet.parameters())
-    cls = ClassConditionalLatentDiffusionPipeline if num_classes else LatentDiffusionPipeline
     try:
-        yield cls(vqvae=tokenizer, unet=unet.eval(), scheduler=default_scheduler())
+        yield unet.eval()
     finally:
         ema.restore(unet.parameters())
         unet.train()
 
 
+@contextmanager
+def _ema_pipeline(unet, ema: EMAModel, tokenizer: VQTokenizer, num_classes: int):
+    """A pipeline whose UNet holds the EMA weights for the duration of the block."""
+    cls = ClassConditionalLatentDiffusionPipeline if num_classes else LatentDiffusionPipeline
+    with _ema_weights(unet, ema) as ema_unet:
+        yield cls(vqvae=tokenizer, unet=ema_unet, scheduler=default_scheduler())
+
+
 @torch.no_grad()
-def _save_grid(pipe, train: DiffusionTrainConfig, num_classes: int, path: Path, count: int = 16):
+def _samples(pipe, train: DiffusionTrainConfig, num_classes: int, count: int = 16):
+    """``count`` samples in [0, 1] from ``train.seed`` (classes cycled if conditional)."""
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device=pipe.device).manual_seed(train.seed)
+    common = dict(num_inference_steps=train.sample_steps, generator=generator, output_type="pt")
     if num_classes:
         labels = [i % num_classes for i in range(count)]
-        images = pipe(
-            labels,
-            guidance_scale=train.sample_guidance,
-            num_inference_steps=train.sample_steps,
-            generator=generator,
-            output_type="pt",
-        ).images
-    else:
-        images = pipe(
-            batch_size=count,
-            num_inference_steps=train.sample_steps,
-            generator=generator,
-            output_type="pt",
-        ).images
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, path, nrow=int(count**0.5))
+        return pipe(labels, guidance_scale=train.sample_guidance, **common).images
+    return pipe(batch_size=count, **common).images

@@ -1,7 +1,8 @@
 """Atomic, verified, resumable training checkpoints on top of ``accelerator.save_state``.
 
-A checkpoint is written into ``step_XXXXXXXX.partial``, completed with a ``complete.json`` marker
-that lists every file and its size, and only then renamed to ``step_XXXXXXXX``: a run killed
+Checkpoints are ``OUTPUT_DIR/checkpoint-N`` folders (N the steps done), as in diffusers' training
+examples. One is written into ``checkpoint-N.partial``, completed with a ``complete.json`` marker
+that lists every file and its size, and only then renamed to ``checkpoint-N``: a run killed
 mid-write leaves a ``.partial`` folder that is never picked. On resume the newest checkpoint is
 verified against its marker (files present, sizes equal, safetensors headers readable); a damaged
 one is passed over with a warning for the previous complete one.
@@ -29,7 +30,8 @@ from safetensors import safe_open
 
 from .distributed import any_process
 
-_NAME = re.compile(r"^step_(\d{8})$")
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+_OLD_NAME = re.compile(r"^step_(\d{8})$")  # before diffusers' names: OUTPUT_DIR/checkpoints/
 MARKER = "complete.json"
 
 
@@ -68,12 +70,30 @@ def complete_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+def _refuse_old_layout(directory: Path) -> None:
+    """Checkpoints of an older version (OUTPUT_DIR/checkpoints/step_XXXXXXXX) are named in
+    the error with the command that moves them to today's names."""
+    old = directory / "checkpoints"
+    found = sorted(p for p in old.iterdir() if _OLD_NAME.match(p.name)) if old.is_dir() else []
+    if found and not complete_checkpoints(directory):
+        moves = "; ".join(
+            f"mv {p} {directory / f'checkpoint-{int(_OLD_NAME.match(p.name).group(1))}'}"
+            for p in found
+        )
+        raise CheckpointError(
+            f"{old} holds checkpoints in an older layout ({found[-1].name}); checkpoints are now "
+            f"OUTPUT_DIR/checkpoint-N. Move them, then resume: {moves}"
+        )
+
+
 def resolve_resume(resume: str | None, directory: Path) -> Path | None:
-    """``None`` → no resume; ``"latest"`` → newest sound checkpoint (a damaged one is skipped
-    with a warning; None if there is none); otherwise a checkpoint folder, which must be
-    complete and sound."""
+    """``None`` → no resume; ``"latest"`` → newest sound checkpoint in ``directory`` (a damaged
+    one is skipped with a warning; None if there is none); otherwise a checkpoint folder, given
+    as a path or as its name in ``directory`` (``checkpoint-500``), which must be complete and
+    sound."""
     if not resume:
         return None
+    _refuse_old_layout(directory)
     if resume == "latest":
         for path in reversed(complete_checkpoints(directory)):
             problem = _damage(path)
@@ -84,17 +104,19 @@ def resolve_resume(resume: str | None, directory: Path) -> Path | None:
             )
         return None
     path = Path(resume)
+    if not path.exists() and (directory / resume).exists():
+        path = directory / resume
     if not (path / MARKER).is_file():
         raise FileNotFoundError(
-            f"--resume {resume}: not a complete checkpoint folder (no "
-            f"{MARKER}); use --resume latest or one of "
+            f"--resume_from_checkpoint {resume}: not a complete checkpoint folder (no "
+            f"{MARKER}); use --resume_from_checkpoint latest or one of "
             f"{[p.name for p in complete_checkpoints(directory)]}"
         )
     problem = _damage(path)
     if problem:
         raise CheckpointError(
-            f"--resume {resume}: damaged checkpoint, {problem}; use "
-            "--resume latest to take the newest sound one"
+            f"--resume_from_checkpoint {resume}: damaged checkpoint, {problem}; use "
+            "--resume_from_checkpoint latest to take the newest sound one"
         )
     return path
 
@@ -128,15 +150,16 @@ def save_checkpoint(
     accelerator: Accelerator,
     directory: Path,
     step: int,
-    keep: int,
+    keep: int | None,
     states: dict[str, Any] | None = None,
 ) -> Path:
     """Save the full training state plus ``states`` (objects with ``state_dict``, identical on
-    every process) and keep the newest ``keep`` checkpoints; all processes must call this. A
+    every process) as ``directory/checkpoint-<step>`` and keep the newest ``keep`` checkpoints
+    (None: all); all processes must call this. A
     failed write (disk full, unwritable folder) removes the ``.partial`` folder, leaves the
     previous checkpoints alone and raises ``CheckpointError`` on every process."""
-    final = directory / f"step_{step:08d}"
-    partial = directory / f"step_{step:08d}.partial"
+    final = directory / f"checkpoint-{step}"
+    partial = directory / f"checkpoint-{step}.partial"
     error = None
     try:
         if accelerator.is_main_process:
@@ -164,7 +187,7 @@ def save_checkpoint(
         except OSError as e:
             error = e
     _fail_together(accelerator, error, partial, directory, step)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and keep is not None:
         for old in complete_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -185,7 +208,8 @@ def _write_error(directory: Path, step: int, error: OSError | None) -> str:
     )
     return (
         f"could not write the step {step} checkpoint in {directory}: {cause}; {kept}. "
-        "Free disk space or choose a writable --output-dir, then use --resume latest."
+        "Free disk space or choose a writable --output_dir, then use "
+        "--resume_from_checkpoint latest."
     )
 
 

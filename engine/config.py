@@ -137,6 +137,13 @@ def signature_hints(fn: Callable, skip: tuple[str, ...] = ("self", "return")) ->
     return {k: v for k, v in typing.get_type_hints(fn).items() if k not in skip}
 
 
+# keys of older recipes → their names now (diffusers' training examples' names)
+RENAMED = {
+    "train.checkpoint_every": "train.checkpointing_steps",
+    "train.keep_checkpoints": "train.checkpoints_total_limit",
+}
+
+
 def from_mapping(cls: type[C], given: Any, section: str = "") -> C:
     """The config dataclass ``cls`` from a mapping: a YAML section, or a whole YAML file whose
     sections are ``cls``'s dataclass fields (built the same way; a plain ``dict`` field is taken
@@ -151,7 +158,9 @@ def from_mapping(cls: type[C], given: Any, section: str = "") -> C:
     if unknown and not section:
         raise ConfigError(f"unknown section(s) {unknown}; allowed sections: {list(hints)}")
     if unknown:
-        raise ConfigError(f"unknown key {section}.{unknown[0]}; allowed keys: {sorted(hints)}")
+        key = f"{section}.{unknown[0]}"
+        hint = f"renamed {RENAMED[key]}; " if key in RENAMED else ""
+        raise ConfigError(f"unknown key {key}; {hint}allowed keys: {sorted(hints)}")
     if not section:
         given = {
             name: from_mapping(hint, given.get(name), name)

@@ -1,6 +1,7 @@
 """Datasets shared by both training stages and FID: scikit-learn's 1,797 real 8×8 digits (the
 embedded default), image folders, parquet / arrow / ``save_to_disk`` tables, Hugging Face hub
-datasets and LSUN LMDB exports, all preprocessed the same way (see :class:`DataConfig`)."""
+datasets and LSUN LMDB exports, all preprocessed the same way (see :class:`DataConfig`). Tables
+and hub datasets can also be streamed (``streaming: true``, see :mod:`engine.streaming`)."""
 
 from __future__ import annotations
 
@@ -60,9 +61,23 @@ class DataConfig:
     flip: random horizontal flips, train part only.
     image_column: column holding the images of table / hub sources.
     label_column: column holding integer labels of table / hub sources (None: labels are -1).
-    validation_size: held-out "validation" part: a fraction in (0, 1) or a count >= 1.
+    validation_size: held-out "validation" part: a fraction in (0, 1) or a count >= 1. For a
+        stream, a count: its first ``validation_size`` examples (see ``streaming``).
     seed: seed of the train / validation split (identical on every process and run).
     strict: raise at the first unreadable image instead of warning and skipping it.
+    dataset_config_name: the configuration of a hub dataset (``datasets.load_dataset``'s
+        ``name``, as in diffusers' training scripts); hub sources only.
+    cache_dir: ``datasets``' cache folder (default ``$HF_DATASETS_CACHE``) for hub datasets and
+        .parquet files (converted once to Arrow there unless streamed); not for other sources.
+    streaming: read a hub dataset, .parquet / .arrow file or ``save_to_disk`` folder as a stream
+        (``load_dataset(..., streaming=True)``): nothing is downloaded or converted before the
+        first step. The train part is then an :class:`engine.streaming.ImageStream` (each process
+        reads its own shards, in a seeded shuffle buffer reshuffled each epoch; resumed
+        exactly); the validation part is its first ``validation_size`` examples (an integer),
+        read once into memory and never trained on. Image folders, LMDBs and digits are already
+        read lazily, image by image, and refuse it.
+    shuffle_buffer_size: streams only: examples in the shuffle buffer (``IterableDataset.shuffle``'s
+        ``buffer_size``), undecoded: about the file size of that many images in memory.
     """
 
     source: str = "digits"
@@ -76,10 +91,16 @@ class DataConfig:
     validation_size: float = 0.05
     seed: int = 0
     strict: bool = False
+    dataset_config_name: str | None = None
+    cache_dir: str | None = None
+    streaming: bool = False
+    shuffle_buffer_size: int = 1000
 
     def __post_init__(self) -> None:
         if isinstance(self.source, os.PathLike):
             self.source = os.fspath(self.source)
+        if isinstance(self.cache_dir, os.PathLike):
+            self.cache_dir = os.fspath(self.cache_dir)
         check_types(self, "data")
         size = self.validation_size
         require(self.source != "", "data.source", self.source, "a non-empty string")
@@ -92,6 +113,24 @@ class DataConfig:
             size,
             "a fraction 0 < x < 1 or an integer count >= 1",
         )
+        for key in ("dataset_config_name", "cache_dir"):
+            value = getattr(self, key)
+            require(value != "", f"data.{key}", value, "a non-empty string or null (the default)")
+        require(
+            self.shuffle_buffer_size >= 1,
+            "data.shuffle_buffer_size",
+            self.shuffle_buffer_size,
+            "an integer >= 1",
+        )
+        require(
+            isinstance(size, int) or not self.streaming,
+            "data.validation_size",
+            size,
+            "a stream has no known length: with data.streaming: true give an integer count, "
+            "the examples held out from the start of the stream (e.g. 1000)",
+        )
+        if self.source == "digits" or self.source.startswith("lsun:"):
+            check_source_keys(self)  # the rest need the file system: check_source_exists
 
 
 class UnreadableImageError(ValueError):
@@ -100,7 +139,8 @@ class UnreadableImageError(ValueError):
 
 def check_source_exists(config: DataConfig) -> None:
     """Raise a ConfigError, before anything is built, if ``data.source`` names a local path
-    (absolute, ``./``, ``~``, ``lsun:PATH``, a .parquet / .arrow file) that does not exist."""
+    (absolute, ``./``, ``~``, ``lsun:PATH``, a .parquet / .arrow file) that does not exist, or
+    if a key is set that the source has no use for (:func:`check_source_keys`)."""
     source = config.source
     path = os.path.expanduser(source[len("lsun:") :] if source.startswith("lsun:") else source)
     local = source.startswith(("lsun:", "/", ".", "~")) or path.endswith((".parquet", ".arrow"))
@@ -110,11 +150,79 @@ def check_source_exists(config: DataConfig) -> None:
         source,
         f"no such file or folder; {ACCEPTED}",
     )
+    check_source_keys(config)
+
+
+_KINDS = {  # what each kind of source is, as the refusals below say it
+    "digits": "scikit-learn's digits, held in memory",
+    "lsun": "an LSUN LMDB export, read image by image",
+    "folder": "a local image folder, read image by image",
+    "parquet": "a .parquet file",
+    "arrow": "a .arrow file, memory-mapped where it is",
+    "saved": "a save_to_disk folder, memory-mapped where it is",
+    "hub": "a Hugging Face hub dataset",
+}
+
+
+def source_kind(source: str) -> str:
+    """What ``source`` names: "digits", "lsun", "folder", "parquet", "arrow", "saved" (a
+    ``save_to_disk`` directory), "hub" (anything else that is not a local path), "file" (a file
+    of another type) or "missing" (a local path that does not exist)."""
+    path = os.path.expanduser(source)
+    if source == "digits":
+        return "digits"
+    if source.startswith("lsun:"):
+        return "lsun"
+    if os.path.isfile(path):
+        return path.rsplit(".", 1)[-1] if path.endswith((".parquet", ".arrow")) else "file"
+    if any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")):
+        return "saved"
+    if os.path.isdir(path):
+        return "folder"
+    if source.startswith(("/", ".", "~")) or path.endswith((".parquet", ".arrow")):
+        return "missing"
+    return "hub"
+
+
+def check_source_keys(config: DataConfig) -> None:
+    """Refuse, with a ConfigError naming the key and the fix, ``dataset_config_name`` for a
+    source that is not on the hub, ``cache_dir`` for one that ``datasets`` does not cache and
+    ``streaming`` for one that is already read image by image."""
+    kind = source_kind(config.source)
+    if kind in ("file", "missing"):
+        return  # reading the source says what is wrong with it
+    what = f"{config.source!r} is {_KINDS[kind]}"
+    require(
+        config.dataset_config_name is None or kind == "hub",
+        "data.dataset_config_name",
+        config.dataset_config_name,
+        f"it picks a configuration of a hub dataset (datasets' name) and {what}: remove it",
+    )
+    listed = (
+        " (its listing goes to $NEVERCOLLAPSE_DATA_CACHE)" if kind in ("folder", "lsun") else ""
+    )
+    require(
+        config.cache_dir is None or kind in ("hub", "parquet"),
+        "data.cache_dir",
+        config.cache_dir,
+        f"it is datasets' cache folder, used by hub datasets and .parquet files, and {what}"
+        f"{listed}: remove it",
+    )
+    require(
+        not config.streaming or kind in ("hub", "parquet", "arrow", "saved"),
+        "data.streaming",
+        config.streaming,
+        f"streams are for hub datasets and .parquet / .arrow / save_to_disk tables, and {what}, "
+        "which needs no download or conversion up front: set data.streaming: false",
+    )
 
 
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
     """Decode ``image`` into 8-bit "L" (channels 1) or "RGB" (3): 16/32-bit integer images are
     rescaled (0..65535 → 0..255, "I" only when above 255), transparency is put on white."""
+    image.load()  # decodes a lazily opened file: a broken one fails here
+    if image.mode == ("L" if channels == 1 else "RGB"):
+        return image
     if image.mode.startswith("I") or image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
         if image.mode.startswith("I;16") or array.max(initial=0) > 255:
@@ -124,6 +232,46 @@ def to_mode(image: Image.Image, channels: int) -> Image.Image:
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("L" if channels == 1 else "RGB")
+
+
+def open_image(value: Any) -> Image.Image:
+    """An image of a table row, decoded: a PIL image, ``datasets``' ``{"bytes", "path"}`` dict
+    (decoded by ``datasets.Image``: local or remote paths, EXIF rotation), bytes or a path."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, (bytes, str)):
+        value = (
+            {"bytes": value, "path": None}
+            if isinstance(value, bytes)
+            else {"bytes": None, "path": value}
+        )
+    if not isinstance(value, dict):
+        raise TypeError(f"not an image: {type(value).__name__}")
+    import datasets
+
+    return datasets.Image().decode_example(value)
+
+
+class DecodeImages:
+    """The ``Dataset.with_transform`` function of table and hub sources (also what decodes a
+    stream's examples): the images of ``image_column`` (see :func:`open_image`) in mode "L" or
+    "RGB" as "image", the integers of ``label_column`` (-1 without one) as "label"."""
+
+    def __init__(self, image_column: str, label_column: str | None, channels: int) -> None:
+        self.image_column, self.label_column, self.channels = image_column, label_column, channels
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        images = [to_mode(open_image(v), self.channels) for v in batch[self.image_column]]
+        labels = batch[self.label_column] if self.label_column else [-1] * len(images)
+        return {"image": images, "label": [int(label) for label in labels]}
+
+
+def image_name(source: str, value: Any, fallback: str) -> str:
+    """How an unreadable image of a table / stream is named: its path when it has one."""
+    path = (
+        value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    )
+    return f"{source} image {path}" if path else fallback
 
 
 def _transform(config: DataConfig, train: bool, tensors: bool) -> Callable:
@@ -245,28 +393,42 @@ class _Folder(_Listed):
         return Image.open(os.path.join(self.root, path)), label
 
 
+def table_columns(table: Any, source: str, config: DataConfig) -> Any:
+    """``table`` (a ``datasets.Dataset`` or ``IterableDataset``) reduced to ``image_column`` and
+    ``label_column``, after checking that they exist and that the labels are integers (a stream
+    of unknown features is taken as it is)."""
+    if table.features is None:
+        return table
+    for key, column in (
+        ("image_column", config.image_column),
+        ("label_column", config.label_column),
+    ):
+        if column is not None and column not in table.column_names:
+            raise ValueError(
+                f"data config {key}={column!r} is not a column of {source}; "
+                f"its columns are {table.column_names}"
+            )
+    feature = table.features.get(config.label_column)  # None when there are no labels
+    if not str(getattr(feature, "dtype", "int")).startswith(("int", "uint")):
+        raise ValueError(
+            f"data config label_column={config.label_column!r} must hold integer "
+            f"labels, not {feature}"
+        )
+    return table.select_columns([c for c in (config.image_column, config.label_column) if c])
+
+
 class _Table(_Reader):
     """Rows of a ``datasets.Dataset``: images (PIL, ``{"bytes", "path"}`` dicts, bytes or paths)
-    in ``image_column``, integer labels in ``label_column``."""
+    in ``image_column``, integer labels in ``label_column``, decoded by ``datasets`` and
+    :class:`DecodeImages` through ``Dataset.with_transform`` (the crop / flip / scaling stays
+    with :class:`ImageDataset`: it depends on the part, and an error there is no unreadable
+    image)."""
 
     def __init__(self, table: Any, source: str, config: DataConfig) -> None:
-        self.image_column, self.label_column = config.image_column, config.label_column
-        for key, column in (
-            ("image_column", self.image_column),
-            ("label_column", self.label_column),
-        ):
-            if column is not None and column not in table.column_names:
-                raise ValueError(
-                    f"data config {key}={column!r} is not a column of {source}; "
-                    f"its columns are {table.column_names}"
-                )
-        feature = table.features.get(self.label_column)  # None when there are no labels
-        if not str(getattr(feature, "dtype", "int")).startswith(("int", "uint")):
-            raise ValueError(
-                f"data config label_column={self.label_column!r} must hold integer "
-                f"labels, not {feature}"
-            )
-        self.table = table.select_columns([c for c in (self.image_column, self.label_column) if c])
+        table = table_columns(table, source, config)
+        self.table = table.with_transform(
+            DecodeImages(config.image_column, config.label_column, config.channels)
+        )
         self.source = source
 
     def __len__(self) -> int:
@@ -276,13 +438,8 @@ class _Table(_Reader):
         return f"{self.source} row {i}"
 
     def load(self, i: int) -> tuple[Image.Image, int]:
-        row = self.table[i]
-        image = row[self.image_column]
-        if isinstance(image, dict):
-            image = image.get("bytes") or image.get("path")
-        if isinstance(image, (bytes, str)):
-            image = Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
-        return image, int(row[self.label_column]) if self.label_column else -1
+        row = self.table[i]  # decoded here: an unreadable image raises, and ImageDataset names it
+        return row["image"], row["label"]
 
 
 _LMDB_ENVS: dict[str, tuple[int, Any]] = {}  # path → (pid, environment): one per process
@@ -332,32 +489,28 @@ def _lmdb_reader(path: str, config: DataConfig) -> _Lmdb:
     return _Lmdb(open_manifest(path, "lmdb", lmdb_env=_lmdb_env(path)), config.split)
 
 
-def _reader(config: DataConfig) -> _Reader:
-    """The reader behind ``config.source``."""
-    source, path = config.source, os.path.expanduser(config.source)
-    if source == "digits":
-        return _Digits(config)
-    if source.startswith("lsun:"):
-        return _lmdb_reader(os.path.expanduser(source[len("lsun:") :]), config)
-    if os.path.isfile(path):
-        if not path.endswith((".parquet", ".arrow")):
-            raise ValueError(
-                f"data source {source!r} is a file but not .parquet / .arrow; {ACCEPTED}"
-            )
-        import datasets
-
-        read = (
-            datasets.Dataset.from_file if path.endswith(".arrow") else datasets.Dataset.from_parquet
-        )
-        return _Table(read(path), source, config)
-    saved = any(os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
-    if os.path.isdir(path) and not saved:
-        return _Folder(open_manifest(path, "folder"), config.split)
-    if not saved and (source.startswith(("/", ".", "~")) or path.endswith((".parquet", ".arrow"))):
+def open_table(config: DataConfig) -> Any:
+    """The ``datasets`` table behind a .parquet / .arrow file, a ``save_to_disk`` folder or a hub
+    dataset: a ``Dataset``, or with ``streaming`` an ``IterableDataset``."""
+    source, path, stream = config.source, os.path.expanduser(config.source), config.streaming
+    kind = source_kind(source)
+    if kind == "file":
+        raise ValueError(f"data source {source!r} is a file but not .parquet / .arrow; {ACCEPTED}")
+    if kind == "missing":
         raise FileNotFoundError(f"data source {source!r} does not exist; {ACCEPTED}")
+    check_source_keys(config)
+    cache_dir = os.path.expanduser(config.cache_dir) if config.cache_dir else None
     import datasets
 
-    if saved:  # a directory written by save_to_disk
+    if kind in ("parquet", "arrow"):
+        if stream:  # the packaged builder a hub parquet dataset goes through as well
+            return datasets.load_dataset(
+                kind, data_files=path, split="train", cache_dir=cache_dir, streaming=True
+            )
+        if kind == "arrow":
+            return datasets.Dataset.from_file(path)
+        return datasets.Dataset.from_parquet(path, cache_dir=cache_dir)
+    if kind == "saved":
         table = datasets.load_from_disk(path)
         if isinstance(table, datasets.DatasetDict):
             if config.split not in table:
@@ -366,16 +519,39 @@ def _reader(config: DataConfig) -> _Reader:
                     f"its splits are {list(table)}"
                 )
             table = table[config.split]
-        return _Table(table, source, config)
+        # one shard per Arrow file, as the files of a parquet dataset
+        return (
+            table.to_iterable_dataset(num_shards=max(1, len(table.cache_files)))
+            if stream
+            else table
+        )
     try:
-        table = datasets.load_dataset(source, split=config.split)
+        return datasets.load_dataset(
+            source,
+            name=config.dataset_config_name,
+            split=config.split,
+            cache_dir=cache_dir,
+            streaming=stream,
+        )
     except Exception as err:  # noqa: BLE001 - offline, unknown name, missing split, ...
         raise ValueError(
             f"the dataset {source!r} (split {config.split!r}) is no local path and "
             f"could not be loaded from the Hugging Face hub ({err}); without network "
             f"access set source to a local path: {ACCEPTED}"
         ) from err
-    return _Table(table, source, config)
+
+
+def _reader(config: DataConfig) -> _Reader:
+    """The reader behind ``config.source``."""
+    source, kind = config.source, source_kind(config.source)
+    if kind == "digits":
+        return _Digits(config)
+    if kind == "lsun":
+        return _lmdb_reader(os.path.expanduser(source[len("lsun:") :]), config)
+    if kind == "folder":
+        check_source_keys(config)
+        return _Folder(open_manifest(os.path.expanduser(source), "folder"), config.split)
+    return _Table(open_table(config), source, config)
 
 
 def split_indices(count: int, config: DataConfig, part: str) -> np.ndarray:
@@ -392,14 +568,20 @@ def split_indices(count: int, config: DataConfig, part: str) -> np.ndarray:
     return np.sort(order[: count - held] if part == "train" else order[count - held :])
 
 
-def build_dataset(config: DataConfig | Mapping[str, Any], part: str = "train") -> ImageDataset:
-    """The ``part`` ("train" or "validation") of the dataset described by ``config``."""
+def build_dataset(config: DataConfig | Mapping[str, Any], part: str = "train") -> Any:
+    """The ``part`` ("train" or "validation") of the dataset described by ``config``: an
+    :class:`ImageDataset`, except the train part of a stream (``streaming: true``), an
+    :class:`engine.streaming.ImageStream`."""
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     if isinstance(config, Mapping):
         config = from_mapping(DataConfig, dict(config), "data")
     elif not isinstance(config, DataConfig):
         raise TypeError(f"config must be a DataConfig or a dict, got {type(config).__name__}")
+    if config.streaming:
+        from .streaming import build_stream
+
+        return build_stream(config, part)
     reader = _reader(config)
     if len(reader) == 0:
         raise ValueError(f"data source {config.source!r} holds no readable images")

@@ -21,17 +21,28 @@ in one line.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import (
+    GradientAccumulationPlugin,
+    LoggerType,
+    ProjectConfiguration,
+    set_seed,
+)
 from torch.utils.data import DataLoader, Dataset
+from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from .checkpoints import (
@@ -41,9 +52,10 @@ from .checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
-from .config import ConfigError, to_mapping
+from .config import ConfigError, check_types, require, to_mapping
 from .data import UnreadableImageError
 from .distributed import any_process, mean_over_processes
+from .streaming import ImageStream, stream_batches
 
 
 def seeded_batches(
@@ -91,25 +103,63 @@ def check_precision(accelerator: Accelerator) -> None:
     device, precision = accelerator.device.type, accelerator.mixed_precision
     if precision == "fp16" and device != "cuda":
         raise ConfigError(
-            f"train.mixed_precision = 'fp16' needs a CUDA device (this run is on "
-            f"{device}); choose bf16, which CPUs have, or no"
+            f"mixed precision fp16 (train.mixed_precision or accelerate's --mixed_precision) "
+            f"needs a CUDA device (this run is on {device}); choose bf16, which CPUs have, or no"
         )
     if precision == "bf16" and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(
-            "train.mixed_precision = 'bf16' is not supported by this GPU; choose fp16 or no"
+            "mixed precision bf16 (train.mixed_precision or accelerate's --mixed_precision) "
+            "is not supported by this GPU; choose fp16 or no"
         )
 
 
+# the runtime settings accelerate owns: train.<key> → (the launcher's environment variable,
+# its flag); ``accelerate launch`` and ``accelerate config`` set these variables
+LAUNCHER = {
+    "mixed_precision": ("ACCELERATE_MIXED_PRECISION", "--mixed_precision"),
+    "gradient_accumulation_steps": (
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+        "--gradient_accumulation_steps",
+    ),
+}
+REPORT_TO = ("all", "none", *(str(t) for t in LoggerType))
+
+
 def start_accelerator(train: Any, output_dir: str | Path) -> Accelerator:
-    """The run's accelerator from its ``train`` section (``mixed_precision``,
-    ``gradient_accumulation_steps``; TensorBoard logs under ``output_dir``), its precision
-    checked against the device, every random generator seeded with ``train.seed``."""
+    """The run's accelerator. Precision and accumulation come from the launcher (``accelerate
+    launch --mixed_precision bf16``, ``accelerate config``) unless the recipe sets
+    ``train.mixed_precision`` / ``train.gradient_accumulation_steps``; if both set one and
+    disagree, the recipe wins with a one-line warning naming both. The values in effect are
+    written back into ``train`` (so the saved config.yaml says what ran). Trackers:
+    ``train.report_to`` with logs under OUTPUT_DIR/logs. The precision is checked against the
+    device and every random generator seeded with ``train.seed``."""
+    launcher = {key: os.environ.get(env) for key, (env, _) in LAUNCHER.items()}
+    for key, (_, flag) in LAUNCHER.items():
+        recipe = getattr(train, key)
+        if recipe is not None and launcher[key] is not None and str(recipe) != launcher[key]:
+            warnings.warn(
+                f"train.{key}={recipe} from the recipe overrides the launcher's {flag} "
+                f"{launcher[key]} (drop the key from the recipe to let the launcher decide)",
+                stacklevel=2,
+            )
+    accumulation = train.gradient_accumulation_steps
+    plugin = None if accumulation is None else GradientAccumulationPlugin(num_steps=accumulation)
+    report_to = None if train.report_to == "none" else train.report_to
     accelerator = Accelerator(
-        mixed_precision=train.mixed_precision,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        log_with="tensorboard",
-        project_dir=str(output_dir),
+        mixed_precision=train.mixed_precision,  # None: the launcher's, else "no"
+        gradient_accumulation_plugin=plugin,  # None: the launcher's, else 1
+        log_with=report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")
+        ),
     )
+    if report_to not in (None, "all") and not accelerator.log_with:
+        raise ImportError(
+            f"train.report_to={train.report_to}: that tracker's package is not installed "
+            f"(pip install {train.report_to}), or choose one of {list(REPORT_TO)}"
+        )
+    train.mixed_precision = str(accelerator.mixed_precision)
+    train.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
     check_precision(accelerator)
     set_seed(train.seed)
     return accelerator
@@ -174,18 +224,118 @@ class Preempted(Exception):
     """Training stopped on SIGTERM after writing a checkpoint; ``--resume latest`` goes on."""
 
 
+@dataclass
+class RunConfig:
+    """The ``train`` keys both trainers share (each trainer's ``train`` section adds its own).
+
+    max_steps: optimizer steps to train for.
+    batch_size: items per process per micro-batch.
+    learning_rate: the optimizer's learning rate; scale_lr multiplies it by batch_size ×
+      gradient_accumulation_steps × processes (taming-transformers' and LDM's rule).
+    adam_betas: the optimizer's betas.
+    max_grad_norm: clip the trained model's gradient norm to this (null: no clipping).
+    gradient_accumulation_steps, mixed_precision ("no" | "fp16" | "bf16"): null (the default)
+      takes them from the launcher (``accelerate launch --mixed_precision bf16``, ``accelerate
+      config``); a value here wins over the launcher's, with a warning when they differ.
+    gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% more
+      time), as diffusers' ``enable_gradient_checkpointing``.
+    seed: seeds weights, data order and every random draw; a resumed run continues the stream.
+    num_workers: DataLoader worker processes.
+    report_to: the tracker, as in diffusers' examples: "tensorboard", "wandb", any other
+      accelerate tracker, "all" (every installed one) or "none"; logs in OUTPUT_DIR/logs, the
+      resolved config as the run's hyperparameters.
+    log_every: steps between logged training losses.
+    validation_steps: steps between validation losses on held-out data (and at the end); the
+      best one's export is kept in OUTPUT_DIR/<export>-best beside the last.
+    validation_size: at most this many held-out items per validation.
+    checkpointing_steps: steps between checkpoints (OUTPUT_DIR/checkpoint-N), atomic and
+      verified; ``--resume_from_checkpoint latest`` continues from the newest sound one.
+    checkpoints_total_limit: how many checkpoints to keep (null: all).
+    max_nonfinite_steps: a non-finite loss skips its step; this many in a row stop the run.
+    init_from: start from exported weights (fine-tuning): a trainer-specific folder, see its
+      ``train`` section; ignored when the run resumes from a checkpoint.
+    """
+
+    max_steps: int = 10000
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = None
+    gradient_accumulation_steps: int | None = None
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    report_to: str = "tensorboard"
+    log_every: int = 10
+    validation_steps: int = 1000
+    validation_size: int = 256
+    checkpointing_steps: int = 1000
+    checkpoints_total_limit: int | None = 3
+    max_nonfinite_steps: int = 5
+    init_from: str | None = None
+
+    def __post_init__(self):
+        check_types(self, "train")
+        for key in (
+            "max_steps",
+            "batch_size",
+            "log_every",
+            "validation_steps",
+            "validation_size",
+            "checkpointing_steps",
+            "max_nonfinite_steps",
+        ):
+            require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
+        for key in ("gradient_accumulation_steps", "checkpoints_total_limit"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, f"train.{key}", value, "must be >= 1 or null")
+        require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
+        require(
+            self.mixed_precision in (None, "no", "fp16", "bf16"),
+            "train.mixed_precision",
+            self.mixed_precision,
+            'choose "no", "fp16", "bf16" or null (the launcher decides)',
+        )
+        require(
+            len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+            "train.adam_betas",
+            self.adam_betas,
+            "two numbers in [0, 1)",
+        )
+        require(self.num_workers >= 0, "train.num_workers", self.num_workers, "must be >= 0")
+        require(
+            self.report_to in REPORT_TO,
+            "train.report_to",
+            self.report_to,
+            f"choose one of {list(REPORT_TO)}",
+        )
+
+
+def hyperparameters(config: Any) -> dict[str, int | float | str | bool]:
+    """The config as flat ``section.key`` → scalar pairs, as trackers take hyperparameters
+    (lists and nulls as text)."""
+    flat = {}
+    for section, values in to_mapping(config).items():
+        for key, value in (values or {}).items():
+            ok = isinstance(value, (int, float, str, bool))
+            flat[f"{section}.{key}"] = value if ok else json.dumps(value)
+    return flat
+
+
 class Run:
-    """One training run of ``config`` (a whole config dataclass whose ``train`` section has
-    ``max_steps``, ``batch_size``, ``gradient_accumulation_steps``, ``seed``, ``num_workers``,
-    ``checkpoint_every``, ``keep_checkpoints`` and ``max_nonfinite_steps``): resumed from
-    ``resume`` ("latest" or a checkpoint folder) if asked, the config as run written to
-    OUTPUT_DIR/config.yaml, the trackers started (OUTPUT_DIR/logs).
+    """One training run of ``config`` (a whole config dataclass whose ``train`` section is a
+    :class:`RunConfig`): resumed from ``resume`` ("latest" or a checkpoint folder) if asked, the
+    config as run written to OUTPUT_DIR/config.yaml, the trackers started with it as
+    hyperparameters (project ``name``, logs in OUTPUT_DIR/logs).
 
     ``states`` are the run's own objects with ``state_dict``/``load_state_dict`` (an EMA, say),
-    saved in every checkpoint beside accelerate's state and the step counter, and loaded
-    ``weights_only``. :meth:`steps` drives the loop; checkpoints go to OUTPUT_DIR/checkpoints
-    every ``checkpoint_every`` steps and at the end (the last ``keep_checkpoints`` kept);
-    ``max_nonfinite_steps`` skipped steps in a row stop the run."""
+    saved in every checkpoint beside accelerate's state, the step counter and the best
+    validation loss, and loaded ``weights_only``. :meth:`steps` drives the loop; checkpoints go
+    to OUTPUT_DIR/checkpoint-N every ``checkpointing_steps`` steps and at the end (the last
+    ``checkpoints_total_limit`` kept); ``max_nonfinite_steps`` skipped steps in a row stop the
+    run."""
 
     def __init__(
         self,
@@ -200,30 +350,33 @@ class Run:
         self.accelerator, self.train, self.name = accelerator, config.train, name
         self.max_steps = config.train.max_steps
         self.output_dir = Path(output_dir)
-        self.checkpoints = self.output_dir / "checkpoints"
         self.states = {"progress": self, **states}
-        self.step, self.skipped = 0, False
-        self.guard = NonFiniteGuard(config.train.max_nonfinite_steps, self.checkpoints, accelerator)
-        start = resolve_resume(resume, self.checkpoints)
+        self.step, self.skipped, self.best = 0, False, None
+        self.guard = NonFiniteGuard(config.train.max_nonfinite_steps, self.output_dir, accelerator)
+        start = resolve_resume(resume, self.output_dir)
+        self.resumed = start is not None
         if start is not None:
             load_checkpoint(accelerator, start, self.states)
             accelerator.print(f"resumed from {start} at step {checkpoint_step(start)}")
         elif resume:
             accelerator.print(
-                f"--resume {resume}: no checkpoint in {self.checkpoints}, starting fresh"
+                f"--resume_from_checkpoint {resume}: no checkpoint in {self.output_dir}, "
+                "starting fresh"
             )
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(
                 yaml.safe_dump(to_mapping(config), sort_keys=False)
             )
-        accelerator.init_trackers("logs")
+        accelerator.init_trackers(name, config=hyperparameters(config))
 
     def batches(self, dataset: Dataset):
         """This process's micro-batches of ``dataset`` from the step the run starts at
-        (:func:`seeded_batches` with the ``train`` section's settings)."""
+        (:func:`seeded_batches`, or :func:`engine.streaming.stream_batches` for a stream, with
+        the ``train`` section's settings)."""
         t = self.train
-        return seeded_batches(
+        make = stream_batches if isinstance(dataset, ImageStream) else seeded_batches
+        return make(
             dataset,
             t.batch_size,
             t.gradient_accumulation_steps,
@@ -233,11 +386,11 @@ class Run:
             self.step,
         )
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "best": self.best}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.best = int(state["step"]), state.get("best")
 
     def steps(self) -> Iterator[int]:
         """Yield the number of steps done so far until ``max_steps`` are done. A step that the
@@ -258,7 +411,7 @@ class Run:
                     raise Preempted(
                         f"stopped by SIGTERM at step {self.step}"
                         + (f"; checkpoint saved in {where}" if where else "")
-                        + "; continue with --resume latest"
+                        + "; continue with --resume_from_checkpoint latest"
                     )
                 self.skipped = False
                 yield self.step
@@ -266,7 +419,7 @@ class Run:
                     continue
                 self.step += 1
                 self.bar.update(1)
-                if self.step % self.train.checkpoint_every == 0 or self.step == self.max_steps:
+                if self.step % self.train.checkpointing_steps == 0 or self.step == self.max_steps:
                     self.save()
                     saved = self.step
         except Preempted:
@@ -297,11 +450,52 @@ class Run:
             self.bar.set_postfix(shown)
         return values
 
+    def log_image(self, name: str, images: torch.Tensor, nrow: int) -> Path:
+        """Main process: ``images`` (B×C×H×W in [0, 1]) as one grid, written to
+        OUTPUT_DIR/images/<name>_<step>.png and logged to every tracker that takes images."""
+        grid = make_grid(images.float().cpu(), nrow=nrow)
+        path = self.output_dir / "images" / f"{name}_{self.step + 1:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)
+        for tracker in self.accelerator.trackers:
+            if hasattr(tracker, "log_images"):
+                tracker.log_images({name: grid[None]}, step=self.step + 1)
+        return path
+
+    def validated(self, values: dict[str, float], key: str) -> bool:
+        """Log the validation ``values`` (already reduced over the processes) and say whether
+        ``values[key]`` is the lowest so far (kept in the checkpoints, so a resumed run
+        compares with the best before it stopped)."""
+        self.accelerator.log(values, step=self.step + 1)
+        if self.best is not None and not values[key] < self.best:
+            return False
+        self.best = float(values[key])
+        self.accelerator.print(f"step {self.step + 1}: best {key} so far, {self.best:.4g}")
+        return True
+
     def save(self) -> Path:
         """A checkpoint of the steps done, written by every process together."""
         return save_checkpoint(
-            self.accelerator, self.checkpoints, self.step, self.train.keep_checkpoints, self.states
+            self.accelerator,
+            self.output_dir,
+            self.step,
+            self.train.checkpoints_total_limit,
+            self.states,
         )
+
+
+def export(folder: Path, save: Callable[[Path], object]) -> Path:
+    """``save(tmp)`` into a sibling folder, then swapped in for ``folder``: a reader never sees a
+    half-written export (the previous one stays until the new one is complete)."""
+    partial, old = (folder.with_name(folder.name + suffix) for suffix in (".partial", ".old"))
+    shutil.rmtree(partial, ignore_errors=True)
+    save(partial)
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    partial.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 # what the training scripts report in one line instead of a traceback

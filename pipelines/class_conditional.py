@@ -2,11 +2,9 @@
 (Ho & Salimans 2022) by batch doubling, as diffusers' ``DiTPipeline`` does."""
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import ModelMixin, UNet2DModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-
-from tokenizer import VQTokenizer
 
 from .common import VQLatentPipeline, check_output_type
 
@@ -30,7 +28,9 @@ class ClassConditionalLatentDiffusionPipeline(VQLatentPipeline):
 
     model_cpu_offload_seq = "unet->vqvae"
 
-    def __init__(self, vqvae: VQTokenizer, unet: UNet2DModel, scheduler: SchedulerMixin):
+    # ModelMixin, not VQTokenizer: this file is saved into the folder and must not import the
+    # tokenizer package (the folder carries its own copy, vqvae/model.py)
+    def __init__(self, vqvae: ModelMixin, unet: UNet2DModel, scheduler: SchedulerMixin):
         super().__init__()
         self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)
         self.check_components(conditional=True)

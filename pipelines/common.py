@@ -1,10 +1,11 @@
 """What the two pipelines share: the tokenizer ↔ UNet checks, the latent and image plumbing, and
 saving a folder that carries the pipeline's own code, so that diffusers can load it by itself.
 
-This module must not import from this package (no relative imports): it is copied, next to the
-pipeline module that imports it, into every saved folder, and diffusers' remote-code loader only
-brings along the files that the pipeline module imports directly."""
+This module must not import from this package (no relative imports, no ``tokenizer``): it is
+copied, next to the pipeline module that imports it, into every saved folder, and diffusers'
+remote-code loader only brings along the files that the pipeline module imports directly."""
 
+import importlib
 import inspect
 import json
 import os
@@ -12,10 +13,18 @@ import shutil
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils.constants import DIFFUSERS_DYNAMIC_MODULE_NAME
 from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+MODEL_CARD = "README.md"
+TRAINING_CONFIG = "training_config.yaml"  # the training configs (scripts' defaults)
+# Loading through the installed class uses the installed code of these components, never the
+# copy in the folder: class name → module (a string: this file must not import the package).
+INSTALLED_COMPONENTS = {"VQTokenizer": "tokenizer.model"}
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 
 def check_output_type(output_type: str):
@@ -29,12 +38,14 @@ class VQLatentPipeline(DiffusionPipeline):
 
     Saving: ``save_pretrained`` writes diffusers' usual folder (model_index.json and one
     subfolder per component) plus, at its root, the source of the pipeline's module and of this
-    one; model_index.json names the pipeline as ``["<module>", "<Class>"]``, as Hub custom
-    pipelines do. So ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` runs
-    the code in the folder (which imports the installed ``tokenizer`` package, where the
-    ``vqvae`` entry ``["tokenizer.model", "VQTokenizer"]`` then resolves), while
-    ``<Class>.from_pretrained(folder)`` uses the installed class and runs no code from the folder.
-    This is for local folders: diffusers' Hub download also wants a ``vqvae/<module>.py``.
+    one, and ``vqvae/model.py``, the tokenizer's code (which ``VQTokenizer.save_pretrained``
+    writes). model_index.json names the pipeline ``["<module>", "<Class>"]`` and the tokenizer
+    ``["model", "VQTokenizer"]``, as Hub custom pipelines and community components do. So
+    ``DiffusionPipeline.from_pretrained(folder or repo, trust_remote_code=True)`` runs the code
+    in the folder and needs no package of ours, while ``<Class>.from_pretrained(folder)`` uses
+    the installed classes (the pipeline's and ``tokenizer.VQTokenizer``) and runs no code from
+    the folder. A pipeline loaded from a folder keeps that folder's model card and training
+    configs when saved elsewhere.
     """
 
     # ----------------------------------------------------------------- components
@@ -110,25 +121,69 @@ class VQLatentPipeline(DiffusionPipeline):
     # ----------------------------------------------------------------- saving and loading
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """diffusers' ``save_pretrained``, plus the pipeline's code at the root of the folder."""
+        """diffusers' ``save_pretrained``, plus the pipeline's code at the root of the folder and,
+        for a pipeline loaded from a local folder, that folder's model card and training
+        configs (what they describe is what is saved)."""
         os.makedirs(save_directory, exist_ok=True)
         source = inspect.getfile(type(self))
         for file in [source, *get_relative_import_files(source)]:
             shutil.copy(file, save_directory)
+        # the folder from_pretrained read (diffusers' from_pretrained records only its argument)
+        origin = getattr(self, "_loaded_from", None) or self.config.get("_name_or_path")
+        if origin and os.path.isdir(origin) and not os.path.samefile(origin, save_directory):
+            for name in (MODEL_CARD, TRAINING_CONFIG):
+                if os.path.isfile(os.path.join(origin, name)):
+                    shutil.copy(os.path.join(origin, name), save_directory)
         super().save_pretrained(save_directory, **kwargs)
 
     def to_json_string(self) -> str:
-        """model_index.json names the code saved in the folder: ``["<module>", "<Class>"]``."""
+        """model_index.json names the code saved in the folder: ``["<module>", "<Class>"]`` for
+        the pipeline and for every component that saves its own code (registered for
+        ``AutoModel``, as ``VQTokenizer`` is: ``<component>/<module>.py``, where diffusers'
+        custom-component loader looks)."""
         config = json.loads(super().to_json_string())
-        config["_class_name"] = [type(self).__module__.rsplit(".", 1)[-1], type(self).__name__]
+        for name in [k for k, v in config.items() if isinstance(v, list) and k[0] != "_"]:
+            component = getattr(self, name, None)
+            if getattr(component, "_auto_class", None):
+                config[name] = [module_name(type(component)), type(component).__name__]
+        config["_class_name"] = [module_name(type(self)), type(self).__name__]
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """diffusers' ``from_pretrained``; a Hub repository id is read from its snapshot
+        (``huggingface_hub.snapshot_download``, whose card and training configs then come along
+        when the pipeline is saved): diffusers' own download would resolve the repository's
+        pipeline code, and ask for trust_remote_code, although this class runs none of it."""
+        folder = pretrained_model_name_or_path
+        if not os.path.isdir(folder):
+            hub = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
+            folder = snapshot_download(str(folder), **hub)
+        pipe = super().from_pretrained(folder, **kwargs)
+        pipe.register_to_config(_name_or_path=str(pretrained_model_name_or_path))
+        pipe._loaded_from = str(folder)
+        return pipe
+
+    @classmethod
     def load_config(cls, *args, **kwargs):
-        """Read ``["<module>", "<Class>"]`` as ``"<Class>"``: loading through the class itself uses
-        it, instead of the copy of its code in the folder (which would need trust_remote_code)."""
+        """Read ``["<module>", "<Class>"]`` as ``"<Class>"``, and the tokenizer as the installed
+        ``tokenizer.VQTokenizer`` (in folders of either version): loading through the class
+        itself uses the installed code, not the copy in the folder (which would need
+        trust_remote_code)."""
         loaded = super().load_config(*args, **kwargs)
         config = loaded[0] if isinstance(loaded, tuple) else loaded
         if isinstance(config.get("_class_name"), list):
             config["_class_name"] = config["_class_name"][1]
+        if not cls.__module__.startswith(f"{DIFFUSERS_DYNAMIC_MODULE_NAME}."):  # not a copy
+            for name, value in config.items():
+                if isinstance(value, list) and len(value) == 2 and value[1] in INSTALLED_COMPONENTS:
+                    config[name] = [INSTALLED_COMPONENTS[value[1]], value[1]]
+                    # diffusers resolves such a module only if imported (it imports none that a
+                    # folder names); this one is named by this class, not by the folder
+                    importlib.import_module(config[name][0])
         return loaded
+
+
+def module_name(cls: type) -> str:
+    """The file a class's code is saved as (without .py), as diffusers' ``auto_map`` names it."""
+    return cls.__module__.rsplit(".", 1)[-1]

@@ -15,6 +15,7 @@ import torch
 from engine.config import parse_yaml
 
 from .class_conditional import ClassConditionalLatentDiffusionPipeline
+from .common import TRAINING_CONFIG
 from .unconditional import LatentDiffusionPipeline
 
 PIPELINES = {
@@ -45,9 +46,6 @@ def load_pipeline(path: str | Path, torch_dtype: torch.dtype | None = None):
     with warnings.catch_warnings():  # diffusers >= 0.36 prefers dtype=; older ones know only this
         warnings.filterwarnings("ignore", "`torch_dtype` is deprecated", FutureWarning)
         return PIPELINES[name].from_pretrained(path, torch_dtype=torch_dtype)
-
-
-TRAINING_CONFIG = "training_config.yaml"
 
 
 def training_config(path: str | Path) -> dict:

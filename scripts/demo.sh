@@ -5,9 +5,9 @@
 set -euo pipefail
 runs=${1:-runs}
 launch="accelerate launch ${ACCELERATE_ARGS:---num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(nproc)}"
-$launch scripts/train_tokenizer.py --config configs/tokenizer/digits_demo.yaml --output-dir "$runs/demo_tokenizer"
+$launch scripts/train_tokenizer.py --config configs/tokenizer/digits_demo.yaml --output_dir "$runs/demo_tokenizer"
 $launch scripts/train_diffusion.py --config configs/diffusion/digits_uncond.yaml \
-    --tokenizer "$runs/demo_tokenizer/tokenizer" --output-dir "$runs/demo_diffusion"
+    --tokenizer "$runs/demo_tokenizer/tokenizer" --output_dir "$runs/demo_diffusion"
 python scripts/sample.py --pipeline "$runs/demo_diffusion/pipeline" --num-images 64 \
     --out "$runs/demo_diffusion/samples"
 echo "samples: $runs/demo_diffusion/samples/grid.png; pipeline: $runs/demo_diffusion/pipeline"

@@ -1,40 +1,66 @@
 """Train the latent diffusion model (stage two) on a frozen tokenizer.
 
     accelerate launch scripts/train_diffusion.py --config configs/diffusion/digits_uncond.yaml \
-        --tokenizer runs/digits_looc/tokenizer [--output-dir DIR] [--resume latest|PATH] \
-        [section.key=value ...]
+        --tokenizer runs/digits_looc/tokenizer [--output_dir DIR] \
+        [--resume_from_checkpoint latest|PATH] [--report_to wandb] \
+        [--push_to_hub --hub_model_id you/repo] [section.key=value ...]
 
 The dataset is encoded once into DIR/latents; the pipeline (tokenizer + EMA UNet + DDIM
-scheduler, with the measured latent scaling_factor) is exported to DIR/pipeline.
+scheduler, with the measured latent scaling_factor) is exported to DIR/pipeline, the one with the
+best validation loss to DIR/pipeline-best; ``--push_to_hub`` publishes DIR/pipeline.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
+from accelerate import PartialState
+
 from diffusion.latent_cache import StaleCacheError
 from diffusion.train import DiffusionConfig, train_diffusion
 from engine.config import ConfigError, load_config
 from engine.run import run_training
+from pipelines.hub import HubPushError, push_to_hub
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (configs/diffusion/*.yaml)")
     parser.add_argument("--tokenizer", required=True, help="DIR/tokenizer from stage one")
-    parser.add_argument("--output-dir", help="default: runs/<config name>")
-    parser.add_argument("--resume", help='"latest" or a checkpoint folder')
+    parser.add_argument("--output_dir", "--output-dir", help="default: runs/<config name>")
+    parser.add_argument(
+        "--resume_from_checkpoint", help='"latest", a checkpoint-N name or a checkpoint folder'
+    )
+    parser.add_argument("--report_to", help="the train.report_to tracker: tensorboard, wandb, …")
+    parser.add_argument(
+        "--push_to_hub", action="store_true", help="publish DIR/pipeline at the end of training"
+    )
+    parser.add_argument("--hub_model_id", help="the repository (default: the output folder name)")
+    parser.add_argument("--hub_private_repo", action="store_true")
+    parser.add_argument("--hub_token", help="default: the huggingface-cli login token")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     args = parser.parse_args()
     try:
-        config = load_config(args.config, args.overrides, DiffusionConfig)
+        overrides = args.overrides + (
+            [f"train.report_to={args.report_to}"] if args.report_to else []
+        )
+        config = load_config(args.config, overrides, DiffusionConfig)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)
-    run_training(
-        lambda: train_diffusion(config, args.tokenizer, output_dir, resume=args.resume),
-        errors=(StaleCacheError,),
-    )
+
+    def train() -> None:
+        pipeline = train_diffusion(
+            config, args.tokenizer, output_dir, resume=args.resume_from_checkpoint
+        )
+        if args.push_to_hub and PartialState().is_main_process:
+            repo_id = args.hub_model_id or Path(output_dir).name
+            url = push_to_hub(
+                pipeline, repo_id, private=args.hub_private_repo, token=args.hub_token
+            )
+            print(f"pushed {pipeline} to {url}")
+
+    run_training(train, errors=(StaleCacheError, HubPushError))
 
 
 if __name__ == "__main__":

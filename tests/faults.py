@@ -78,14 +78,14 @@ def steps(checkpoints: Path) -> list[int]:
     if not checkpoints.is_dir():
         return []
     return sorted(
-        int(p.name[5:])
+        int(p.name.removeprefix("checkpoint-"))
         for p in checkpoints.iterdir()
-        if p.name.startswith("step_") and not p.name.endswith(".partial")
+        if p.name.startswith("checkpoint-") and not p.name.endswith(".partial")
     )
 
 
 def partials(checkpoints: Path) -> list[Path]:
-    return sorted(checkpoints.glob("*.partial")) if checkpoints.is_dir() else []
+    return sorted(checkpoints.glob("checkpoint-*.partial")) if checkpoints.is_dir() else []
 
 
 def _same(a, b, where: str) -> None:

@@ -1,22 +1,56 @@
 """The VQGAN autoencoder (Esser et al. 2021, the taming-transformers architecture) around any
 quantizer of ``build_quantizer``, as a diffusers model: saved as config.json + safetensors,
 loaded with ``VQTokenizer.from_pretrained``, and usable as the ``vqvae`` of diffusers'
-``LDMPipeline``."""
+``LDMPipeline``. Its folder carries this module's code (``model.py``, see ``save_config``), so
+diffusers loads it without this package too: ``AutoModel.from_pretrained(folder,
+trust_remote_code=True)``."""
 
 from __future__ import annotations
 
+import inspect
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models import modeling_utils
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.autoencoders.vq_model import VQEncoderOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
 from .quantizers import QuantizerOutput, build_quantizer
+from .remote_code import single_file_source
+
+
+def _float32_kept(fn):
+    """``fn`` (what ``nn.Module._apply`` applies to every tensor) with its dtype change undone:
+    floating tensors end up float32, others keep their dtype, on ``fn``'s device. Re-cast from
+    the input, not from ``fn``'s output: float32 → bfloat16 → float32 would round the codebook."""
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        out = fn(t)
+        dtype = torch.float32 if t.is_floating_point() else t.dtype
+        if out.dtype == dtype:
+            return out
+        return out.to(dtype) if t.is_meta else t.to(device=out.device, dtype=dtype)
+
+    return apply
+
+
+@contextmanager
+def _warning_hidden(logger, text: str):
+    """``logger`` without its messages containing ``text``, for the duration of the block."""
+    hide = lambda record: text not in record.getMessage()
+    logger.addFilter(hide)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hide)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -95,7 +129,19 @@ def _mid(channels, dropout, groups) -> nn.Sequential:
     )
 
 
-class Encoder(nn.Module):
+class _Checkpointable(nn.Module):
+    """Runs layers through diffusers' gradient checkpointing when
+    ``VQTokenizer.enable_gradient_checkpointing()`` has set ``gradient_checkpointing``."""
+
+    gradient_checkpointing = False
+
+    def run(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(layer, h)
+        return layer(h)
+
+
+class Encoder(_Checkpointable):
     def __init__(
         self,
         in_channels,
@@ -130,13 +176,14 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level, down in zip(self.levels, self.downsamples):
             for layer in level:
-                h = layer(h)
+                h = self.run(layer, h)
             h = down(h)
-        h = self.mid(h)
+        for layer in self.mid:
+            h = self.run(layer, h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class Decoder(nn.Module):
+class Decoder(_Checkpointable):
     def __init__(
         self,
         out_channels,
@@ -168,10 +215,12 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(in_ch, out_channels, 3, padding=1)
 
     def forward(self, z):
-        h = self.mid(self.conv_in(z))
+        h = self.conv_in(z)
+        for layer in self.mid:
+            h = self.run(layer, h)
         for level, up in zip(self.levels, self.upsamples):
             for layer in level:
-                h = layer(h)
+                h = self.run(layer, h)
             h = up(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -201,11 +250,25 @@ class VQTokenizer(ModelMixin, ConfigMixin):
         ``embed_dim`` for vq/cvq; for looc it is d*, which must divide ``embed_dim``).
       scaling_factor: latent scale used by diffusion pipelines (latents · scaling_factor);
         always written explicitly (diffusers' 0.18215 default would silently ruin a VQ model).
+
+    Used like ``diffusers.VQModel`` where the meaning is the same: ``encode(x).latents``,
+    ``decode(h, force_not_quantize=False).sample`` (and ``.commit_loss``), ``forward(x,
+    return_dict=False)`` → ``(sample, commit_loss)``, ``enable_gradient_checkpointing()``,
+    ``config.scaling_factor``, ``from_pretrained`` / ``save_pretrained``. Ours beyond it:
+    ``forward`` returns the quantizer's whole output (indices, counts, perplexity) in
+    ``.quantized``; ``quantize(h)`` is a method (VQModel's is the quantizer module, ours is
+    ``vector_quantizer``); ``decode_indices(indices)`` decodes codes.
     """
 
+    _supports_gradient_checkpointing = True
+
     # from_pretrained(torch_dtype=float16 / bfloat16) keeps the codebook in float32: nearest-code
-    # search on a rounded codebook would pick other codes than training did
+    # search on a rounded codebook would pick other codes than training did; so do .to(dtype),
+    # .half() and .bfloat16() (see _apply)
     _keep_in_fp32_modules = ["vector_quantizer"]
+    # config.json gets "auto_map": {"AutoModel": "model.VQTokenizer"} (what diffusers'
+    # register_for_auto_class("AutoModel") sets), naming the code file save_config writes
+    _auto_class = "AutoModel"
 
     @register_to_config
     def __init__(
@@ -262,15 +325,56 @@ class VQTokenizer(ModelMixin, ConfigMixin):
 
     def decode(self, h: torch.Tensor, force_not_quantize: bool = False, return_dict: bool = True):
         """Latents → images. The latents are quantized first unless ``force_not_quantize``."""
-        z = h if force_not_quantize else self.quantize(h).z_q
-        image = self.decoder(self.post_quant_conv(z))
-        return DecoderOutput(sample=image) if return_dict else (image,)
+        q = None if force_not_quantize else self.quantize(h)
+        z = h if q is None else q.z_q
+        # z comes in the latents' dtype, not necessarily the convolutions' (half precision)
+        image = self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
+        commit_loss = None if q is None else q.loss
+        return DecoderOutput(sample=image, commit_loss=commit_loss) if return_dict else (image,)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Code indices (the quantizer's layout) → images."""
         z_q = self.vector_quantizer.decode_indices(indices).to(self.post_quant_conv.weight.dtype)
         return self.decoder(self.post_quant_conv(z_q))
 
-    def forward(self, x: torch.Tensor) -> VQTokenizerOutput:
+    def forward(self, x: torch.Tensor, return_dict: bool = True):
+        """Images → reconstructions and the quantizer's output; with ``return_dict=False`` the
+        tuple ``(sample, commit_loss)``, as ``VQModel`` returns."""
         q = self.quantize(self.encode(x).latents)
-        return VQTokenizerOutput(sample=self.decoder(self.post_quant_conv(q.z_q)), quantized=q)
+        sample = self.decoder(self.post_quant_conv(q.z_q))
+        return VQTokenizerOutput(sample=sample, quantized=q) if return_dict else (sample, q.loss)
+
+    # ------------------------------------------------------------------ precision
+
+    def _apply(self, fn, recurse: bool = True):
+        """What ``to``, ``half``, ``bfloat16``, ``cuda``... run: ``fn`` on every tensor, except
+        that the floating tensors of the ``_keep_in_fp32_modules`` stay float32 (they still move
+        between devices), as when loading with ``torch_dtype``."""
+        if recurse:
+            for name, child in self.named_children():
+                child._apply(_float32_kept(fn) if name in self._keep_in_fp32_modules else fn)
+        return super()._apply(fn, recurse=False)
+
+    def to(self, *args, **kwargs):
+        # ModelMixin.to warns on every dtype cast that the fp32 modules may give "inconsistent
+        # results"; _apply keeps them float32, so here that warning would be wrong
+        with _warning_hidden(modeling_utils.logger, "should be kept in float32"):
+            return super().to(*args, **kwargs)
+
+    # ------------------------------------------------------------------ saving
+
+    def save_config(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """diffusers' ``save_config`` (config.json, whose ``auto_map`` names ``<module>.py``), plus
+        that file: this module and the quantizers' modules as one file (``single_file_source``),
+        which diffusers runs with ``trust_remote_code=True`` when this package is not there."""
+        os.makedirs(save_directory, exist_ok=True)
+        module = type(self).__module__.rsplit(".", 1)[-1]  # as diffusers names it in auto_map
+        code = single_file_source(inspect.getfile(type(self)))
+        Path(save_directory, f"{module}.py").write_text(code, encoding="utf-8")
+        super().save_config(save_directory, *args, **kwargs)
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        # auto_map points diffusers' AutoModel at the code file; it is no argument of __init__
+        config_dict = {k: v for k, v in config_dict.items() if k != "auto_map"}
+        return super().extract_init_dict(config_dict, **kwargs)

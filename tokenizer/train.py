@@ -13,88 +13,52 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast
-from torchvision.utils import save_image
 
 from engine.config import (
     ConfigError,
     check_section,
-    check_types,
     require,
     signature_hints,
 )
 from engine.data import DataConfig, build_dataset, check_source_exists
 from engine.distributed import check_replicas_agree
-from engine.run import Run, learning_rate, start_accelerator
+from engine.run import Run, RunConfig, export, learning_rate, start_accelerator
+from engine.weights import init_from
 
 from .losses import LossConfig, VQGANLoss
 from .model import VQTokenizer
 
+# where train.init_from finds the tokenizer: a run folder, a pipeline folder
+INIT_FOLDERS = ("tokenizer", "vqvae", "pipeline/vqvae")
+
 
 @dataclass
-class TrainConfig:
-    """``train`` section.
+class TrainConfig(RunConfig):
+    """``train`` section: the keys of :class:`engine.run.RunConfig` (defaults below), and
 
-    max_steps: optimizer steps to train for.
-    batch_size: images per process per micro-batch.
-    learning_rate: Adam learning rate for the autoencoder and the discriminator.
-    scale_lr: if true, the learning rate is multiplied by batch_size × gradient_accumulation_steps
-      × number of processes (taming-transformers' rule; its base rate is 4.5e-6).
+    learning_rate: Adam learning rate for the autoencoder and the discriminator
+      (taming-transformers' base rate with ``scale_lr`` is 4.5e-6).
     adam_betas: (0.5, 0.9) as in VQGAN.
-    gradient_accumulation_steps: micro-batches per optimizer step.
-    max_grad_norm: clip the autoencoder's gradient norm to this (null: no clipping).
-    mixed_precision: "no" | "fp16" | "bf16" (the quantizer always searches in fp32).
-    seed: seeds weights, data order and every random draw; a resumed run continues the stream.
-    num_workers: DataLoader worker processes.
-    log_every: steps between logged losses (TensorBoard under output_dir/logs).
-    image_every: steps between reconstruction grids (output_dir/images/step_N.png).
-    checkpoint_every: steps between checkpoints (output_dir/checkpoints), written atomically.
-    keep_checkpoints: how many checkpoints to keep.
-    max_nonfinite_steps: a non-finite loss skips its step; this many in a row stop the run.
+    image_every: steps between reconstruction grids of held-out images (OUTPUT_DIR/images and
+      the tracker).
+    validation_steps / validation_size: the validation loss is the reconstruction loss as
+      trained (``loss``'s pixel + perceptual terms) on up to validation_size images of the
+      ``validation`` part, model in eval mode; OUTPUT_DIR/tokenizer-best is the export of the
+      lowest.
+    init_from: start from an exported tokenizer's weights: a tokenizer folder (OUTPUT_DIR/
+      tokenizer of a stage-one run), a run folder or a pipeline folder (its vqvae); the
+      ``model`` section must build the same architecture.
     """
 
     max_steps: int = 10000
     batch_size: int = 8
     learning_rate: float = 4.5e-6
-    scale_lr: bool = False
     adam_betas: tuple[float, float] = (0.5, 0.9)
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float | None = None
-    mixed_precision: str = "no"
-    seed: int = 0
-    num_workers: int = 0
-    log_every: int = 10
     image_every: int = 500
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    max_nonfinite_steps: int = 5
 
     def __post_init__(self):
-        check_types(self, "train")
-        for key in (
-            "max_steps",
-            "batch_size",
-            "gradient_accumulation_steps",
-            "log_every",
-            "image_every",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "max_nonfinite_steps",
-        ):
-            require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
-        require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
-        require(
-            self.mixed_precision in ("no", "fp16", "bf16"),
-            "train.mixed_precision",
-            self.mixed_precision,
-            'choose "no", "fp16" or "bf16"',
-        )
-        require(
-            len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
-            "train.adam_betas",
-            self.adam_betas,
-            "two numbers in [0, 1)",
-        )
-        require(self.num_workers >= 0, "train.num_workers", self.num_workers, "must be >= 0")
+        super().__post_init__()
+        require(self.image_every >= 1, "train.image_every", self.image_every, "must be >= 1")
 
 
 @dataclass
@@ -170,14 +134,19 @@ class TokenizerConfig:
 def train_tokenizer(
     config: TokenizerConfig, output_dir: str | Path, resume: str | None = None
 ) -> Path:
-    """Train, checkpoint, and export ``output_dir/tokenizer``; returns that folder."""
+    """Train, checkpoint, validate, and export ``output_dir/tokenizer`` (the last weights) and
+    ``output_dir/tokenizer-best`` (the lowest validation loss); returns the first."""
     train = config.train
     check_source_exists(config.data)  # before anything is built (configs may name absent data)
     output_dir = Path(output_dir)
     accelerator = start_accelerator(train, output_dir)
     model = VQTokenizer(**config.model)
+    if train.init_from:
+        accelerator.print(f"weights from {init_from(model, train.init_from, INIT_FOLDERS)}")
+    if train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     loss_fn = VQGANLoss(config.loss).to(accelerator.device)  # fails fast without VGG weights
-    with accelerator.local_main_process_first():  # it lists the data once for everyone
+    with accelerator.local_main_process_first():  # it lists the data once per machine
         train_set = build_dataset(config.data, "train")
         val_set = build_dataset(config.data, "validation")
     lr = learning_rate(train, accelerator)
@@ -193,7 +162,8 @@ def train_tokenizer(
     run = Run(accelerator, output_dir, config, {}, resume=resume, name="tokenizer")
 
     unwrapped = accelerator.unwrap_model(model)
-    fixed = torch.stack([val_set[i]["pixel_values"] for i in range(min(8, len(val_set)))])
+    held_out = range(min(train.validation_size, len(val_set)))
+    fixed = torch.stack([val_set[i]["pixel_values"] for i in held_out[:8]])
     batches = run.batches(train_set)
     for step in run.steps():
         for _ in range(train.gradient_accumulation_steps):
@@ -221,13 +191,14 @@ def train_tokenizer(
         if run.skipped:
             continue
         if run.due(train.log_every):
-            counts = accelerator.reduce(out.quantized.counts.float(), reduction="sum")
-            p = counts / counts.sum()
-            logs["usage"] = (counts > 0).float().mean().item()
-            logs["perplexity"] = torch.exp(-(p * p.clamp(min=1e-10).log()).sum()).item()
+            logs.update(usage_and_perplexity(accelerator, out.quantized.counts))
             run.log(logs, show=("total", "nll", "usage", "perplexity"))
+        if run.due(train.validation_steps):
+            scores = validate(accelerator, unwrapped, loss_fn, val_set, held_out, train.batch_size)
+            if run.validated(scores, "validation/nll") and accelerator.is_main_process:
+                export(output_dir / "tokenizer-best", unwrapped.save_pretrained)
         if accelerator.is_main_process and run.due(train.image_every):
-            _save_grid(unwrapped, fixed, output_dir / "images" / f"step_{step + 1:08d}.png")
+            run.log_image("reconstructions", _reconstructions(unwrapped, fixed), len(fixed))
 
     replicas = {f"model.{k}": v for k, v in unwrapped.state_dict().items()}
     if opt_d is not None:
@@ -238,25 +209,70 @@ def train_tokenizer(
             buffer.copy_(broadcast(buffer.clone(), from_process=0))
         replicas.update({f"discriminator.{k}": v for k, v in discriminator.state_dict().items()})
     check_replicas_agree(accelerator, replicas)
-    export = output_dir / "tokenizer"
+    last = output_dir / "tokenizer"
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(export)
+        export(last, unwrapped.save_pretrained)
         skipped = sorted(set(train_set.skipped) | set(val_set.skipped))
         if skipped:
             accelerator.print(f"{len(skipped)} unreadable file(s) were skipped, e.g. {skipped[:3]}")
-        accelerator.print(f"tokenizer exported to {export}")
+        accelerator.print(f"tokenizer exported to {last} (best validation: {last}-best)")
     accelerator.end_training()
-    return export
+    return last
+
+
+def usage_and_perplexity(accelerator, counts: torch.Tensor) -> dict[str, float]:
+    """Codebook usage (fraction of codes hit) and perplexity of the code counts summed over the
+    processes."""
+    counts = accelerator.reduce(counts.float(), reduction="sum")
+    p = counts / counts.sum()
+    return {
+        "usage": (counts > 0).float().mean().item(),
+        "perplexity": torch.exp(-(p * p.clamp(min=1e-10).log()).sum()).item(),
+    }
 
 
 @torch.no_grad()
-def _save_grid(model: VQTokenizer, images: torch.Tensor, path: Path) -> None:
-    """Originals (top row) over reconstructions (bottom row)."""
+def validate(accelerator, model, loss_fn, dataset, held_out, batch_size) -> dict[str, float]:
+    """The reconstruction loss as trained (pixel + perceptual: ``nll``), PSNR, and the codebook
+    usage and perplexity on the ``held_out`` items of ``dataset``, each process taking every
+    N-th, in eval mode (the quantizer's state is left alone)."""
+    mine = list(held_out)[accelerator.process_index :: accelerator.num_processes]
+    sums = torch.zeros(3, device=accelerator.device)  # nll · n, squared error sum, n
+    counts, pixels = None, 0
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(mine), batch_size):
+        x = torch.stack([dataset[i]["pixel_values"] for i in mine[start : start + batch_size]])
+        x = x.to(accelerator.device)
+        with accelerator.autocast():
+            out = model(x)
+            _, logs = loss_fn.generator_loss(x, out.sample, out.quantized.loss, None, step=-1)
+        error = (out.sample.float().clamp(-1, 1) - x).div(2).pow(2)  # on [0, 1] pixels
+        sums += torch.tensor([logs["nll"] * len(x), error.sum(), len(x)], device=sums.device)
+        pixels = error[0].numel()
+        c = out.quantized.counts.float()
+        counts = c if counts is None else counts + c
+    model.train(was_training)
+    if counts is None:  # more processes than held-out images
+        counts = torch.zeros(model.vector_quantizer.num_codes, device=accelerator.device)
+    sums = accelerator.reduce(sums, reduction="sum")
+    pixels = int(accelerator.reduce(torch.tensor(pixels, device=sums.device), "max"))
+    n = sums[2].clamp(min=1)
+    code = usage_and_perplexity(accelerator, counts)
+    return {
+        "validation/nll": (sums[0] / n).item(),
+        "validation/psnr": (-10 * torch.log10(sums[1] / (n * pixels))).item(),
+        "validation/usage": code["usage"],
+        "validation/perplexity": code["perplexity"],
+    }
+
+
+@torch.no_grad()
+def _reconstructions(model: VQTokenizer, images: torch.Tensor) -> torch.Tensor:
+    """Originals (top row) over reconstructions (bottom row), in [0, 1]."""
     was_training = model.training
     model.eval()
     images = images.to(model.device)
     recon = model(images).sample
     model.train(was_training)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = torch.cat([images, recon.to(images.dtype)]).clamp(-1, 1) * 0.5 + 0.5
-    save_image(grid, path, nrow=len(images))
+    return torch.cat([images, recon.to(images.dtype)]).clamp(-1, 1) * 0.5 + 0.5

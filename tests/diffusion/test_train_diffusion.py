@@ -17,6 +17,7 @@ from engine.config import ConfigError, from_mapping, to_mapping
 from pipelines import ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline
 from pipelines.sampling import training_config
 from tests.launch import ROOT
+from tests.tokenizer.test_train_tokenizer import tracked
 
 TINY = {
     "unet": {
@@ -38,8 +39,10 @@ TINY = {
         "log_every": 2,
         "sample_every": 3,
         "sample_steps": 2,
-        "checkpoint_every": 2,
-        "keep_checkpoints": 3,
+        "validation_steps": 3,
+        "validation_size": 40,
+        "checkpointing_steps": 2,
+        "checkpoints_total_limit": 3,
     },
 }
 
@@ -88,7 +91,7 @@ def test_train_export_and_exact_resume(tmp_path, tokenizer_dir, num_classes):
     config = write_config(tmp_path / "c.yaml", num_classes)
     run(config, tokenizer_dir, tmp_path / "run")
     run_dir = tmp_path / "run"
-    assert (run_dir / "images" / "step_00000003.png").is_file()
+    assert (run_dir / "images" / "samples_00000003.png").is_file()
 
     # the exported pipeline: right class, EMA UNet, and the latent scale measured on the cache
     cls = ClassConditionalLatentDiffusionPipeline if num_classes else LatentDiffusionPipeline
@@ -99,18 +102,45 @@ def test_train_export_and_exact_resume(tmp_path, tokenizer_dir, num_classes):
     assert (pipe.unet.config.num_class_embeds or 0) == (num_classes + 1 if num_classes else 0)
     # it carries its training configs (eval_fid.py's defaults) and a model card listing them
     # the config as run: the file's values with every default filled in
-    assert training_config(run_dir / "pipeline") == to_mapping(
-        from_mapping(DiffusionConfig, yaml.safe_load(config.read_text()))
-    )
+    # (precision and accumulation as resolved: the launcher's, here accelerate's defaults)
+    expected = to_mapping(from_mapping(DiffusionConfig, yaml.safe_load(config.read_text())))
+    expected["train"].update(mixed_precision="no", gradient_accumulation_steps=1)
+    assert training_config(run_dir / "pipeline") == expected
     card = (run_dir / "pipeline" / "README.md").read_text()
     assert cls.__name__ in card and "### diffusion" in card and "Not evaluated yet" in card
 
+    # the tracker: the training and validation losses (EMA UNet on held-out latents), samples;
+    # the export of the best validation loss beside the last
+    logged = tracked(run_dir)
+    assert set(logged["scalars"]["loss"]) == {2, 4, 6} and "samples" in logged["images"]
+    val = logged["scalars"]["validation/loss"]
+    assert set(val) == {3, 6} and all(0 < v < 10 for v in val.values())
+    assert len(LatentCache(run_dir / "latents-validation")) == 97  # the held-out images
+    best = load_file(run_dir / "pipeline-best" / "unet" / "diffusion_pytorch_model.safetensors")
+    last = load_file(run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(best[k], last[k]) for k in last) == (val[6] < val[3])
+    assert (run_dir / "pipeline-best" / "README.md").is_file()
+
+    if not num_classes:  # fine-tuning: a run starting from this pipeline's UNet
+        tuned = tmp_path / "tuned"
+        run(
+            config,
+            tokenizer_dir,
+            tuned,
+            f"train.init_from={run_dir / 'pipeline'}",
+            "train.max_steps=1",
+            "train.learning_rate=1e-9",
+            "train.validation_steps=1",
+            "train.gradient_checkpointing=true",
+        )
+        after = load_file(tuned / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+        for key in last:
+            torch.testing.assert_close(after[key], last[key], atol=1e-6, rtol=0, msg=key)
+
     # resume from step 2 (the cache is rebuilt from scratch and must come out the same)
     resumed = tmp_path / "resumed"
-    shutil.copytree(
-        run_dir / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002"
-    )
-    done = run(config, tokenizer_dir, resumed, "--resume", "latest")
+    shutil.copytree(run_dir / "checkpoint-2", resumed / "checkpoint-2")
+    done = run(config, tokenizer_dir, resumed, "--resume_from_checkpoint", "latest")
     assert "at step 2" in done.stdout + done.stderr
     for part in (
         "unet/diffusion_pytorch_model.safetensors",
@@ -119,8 +149,8 @@ def test_train_export_and_exact_resume(tmp_path, tokenizer_dir, num_classes):
         a, b = load_file(run_dir / "pipeline" / part), load_file(resumed / "pipeline" / part)
         for key in a:
             assert torch.equal(a[key], b[key]), (part, key)
-    a = load_file(run_dir / "checkpoints" / "step_00000006" / "model.safetensors")
-    b = load_file(resumed / "checkpoints" / "step_00000006" / "model.safetensors")
+    a = load_file(run_dir / "checkpoint-6" / "model.safetensors")
+    b = load_file(resumed / "checkpoint-6" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "raw (non-EMA) weights match too"
 
 

@@ -59,8 +59,8 @@ TOKENIZER_CONFIG = {
         "learning_rate": 1e-3,
         "log_every": 100,
         "image_every": 100,
-        "checkpoint_every": 1,
-        "keep_checkpoints": 2,
+        "checkpointing_steps": 1,
+        "checkpoints_total_limit": 2,
     },
 }
 DIFFUSION_CONFIG = {
@@ -83,8 +83,8 @@ DIFFUSION_CONFIG = {
         "ema_decay": 0.99,
         "log_every": 100,
         "sample_every": 100,
-        "checkpoint_every": 1,
-        "keep_checkpoints": 2,
+        "checkpointing_steps": 1,
+        "checkpoints_total_limit": 2,
     },
 }
 
@@ -133,13 +133,13 @@ def test_kill_and_resume_chain_matches_an_uninterrupted_run(stage, tmp_path, req
     assert reference.wait() == 0, reference.output()[-3000:]
 
     out = tmp_path / "run"
-    ck = out / "checkpoints"
+    ck = out
     argv = [*args, "--output-dir", str(out)]
     rng = random.Random(8)
     plan = ["kill", "kill-while-writing", "kill", "term", "kill-while-writing", "kill"]
     for i, event in enumerate(plan):
         before = max(steps(ck), default=0)
-        resume = ["--resume", "latest"] if i else []
+        resume = ["--resume_from_checkpoint", "latest"] if i else []
         env = {"NEVERCOLLAPSE_TEST_CHECKPOINT_PAUSE": "60"} if event == "kill-while-writing" else {}
         started = time.time()
         run = Run(main, argv + resume, tmp_path / f"{i}.log", **env)
@@ -164,8 +164,8 @@ def test_kill_and_resume_chain_matches_an_uninterrupted_run(stage, tmp_path, req
                 run.process.terminate()
                 assert run.wait() == 0, run.output()[-3000:]  # a clean exit
                 stopped = int(re.search(r"stopped by SIGTERM at step (\d+)", run.output())[1])
-                assert stopped in steps(ck) and resolve_resume("latest", ck).name.endswith(
-                    f"{stopped:08d}"
+                assert stopped in steps(ck) and resolve_resume("latest", ck).name == (
+                    f"checkpoint-{stopped}"
                 ), "the SIGTERM checkpoint is the newest"
         assert i == 0 or "resumed from" in run.output()
         found = resolve_resume("latest", ck)
@@ -179,14 +179,14 @@ def test_kill_and_resume_chain_matches_an_uninterrupted_run(stage, tmp_path, req
     newest = resolve_resume("latest", ck)
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    final = Run(main, argv + ["--resume", "latest"], tmp_path / "final.log")
+    final = Run(main, argv + ["--resume_from_checkpoint", "latest"], tmp_path / "final.log")
     assert final.wait() == 0, final.output()[-3000:]
     assert f"{newest} is damaged" in final.output()
-    previous = int(newest.name[5:]) - 1
+    previous = int(newest.name.removeprefix("checkpoint-")) - 1
     assert f"at step {previous}" in final.output()
 
-    name = f"step_{MAX_STEPS:08d}"
-    assert_same_state(tmp_path / "reference" / "checkpoints" / name, ck / name)
+    name = f"checkpoint-{MAX_STEPS}"
+    assert_same_state(tmp_path / "reference" / name, ck / name)
     assert not partials(ck)
 
 
@@ -229,7 +229,7 @@ def _two_process_chain(
     assert "weights identical on all 2 processes" in reference.output()
     assert (tmp / "ref" / export).is_file()
 
-    out, ck = tmp / "run", tmp / "run" / "checkpoints"
+    out = ck = tmp / "run"
     argv = [*args, "--output-dir", str(out)]
     if sigterm:
         port += 1
@@ -242,17 +242,21 @@ def _two_process_chain(
         assert not (out / export).exists(), "stopped, not finished"
 
     before = max(steps(ck), default=0)
-    run = launch_two(script, argv + ["--resume", "latest"], port + 1, tmp / "kill.log")
+    run = launch_two(
+        script, argv + ["--resume_from_checkpoint", "latest"], port + 1, tmp / "kill.log"
+    )
     wait_for(lambda: max(steps(ck), default=0) > before, run, "a new checkpoint")
     run.kill_all()
     assert max(steps(ck)) < 5 and resolve_resume("latest", ck) is not None
 
-    run = launch_two(script, argv + ["--resume", "latest"], port + 2, tmp / "final.log")
+    run = launch_two(
+        script, argv + ["--resume_from_checkpoint", "latest"], port + 2, tmp / "final.log"
+    )
     assert run.wait() == 0, run.output()[-3000:]
     assert "resumed from" in run.output()
     assert "weights identical on all 2 processes" in run.output()
-    name = max(p.name for p in (tmp / "ref" / "checkpoints").iterdir())
-    assert_same_state(tmp / "ref" / "checkpoints" / name, ck / name)
+    name = f"checkpoint-{max(steps(tmp / 'ref'))}"
+    assert_same_state(tmp / "ref" / name, ck / name)
 
 
 # --- in-process faults: non-finite losses, full disk -------------------------------------
@@ -291,9 +295,9 @@ def test_tokenizer_nonfinite_losses_skip_then_stop_keeping_the_last_checkpoint(
         train_tokenizer(recipe, tmp_path / "run")
     printed = capsys.readouterr().out
     assert "step 2: non-finite loss, step skipped (1 in a row)" in printed
-    ck = tmp_path / "run" / "checkpoints"
+    ck = tmp_path / "run"
     assert steps(ck) == [3, 4] and not partials(ck)
-    assert resolve_resume("latest", ck).name == "step_00000004"  # intact and sound
+    assert resolve_resume("latest", ck).name == "checkpoint-4"  # intact and sound
 
 
 def test_diffusion_nonfinite_losses_skip_then_stop(tmp_path, tokenizer_dir, monkeypatch, capsys):
@@ -315,8 +319,8 @@ def test_diffusion_nonfinite_losses_skip_then_stop(tmp_path, tokenizer_dir, monk
     with pytest.raises(FloatingPointError, match=r"2 non-finite.*learning_rate"):
         trainer.train_diffusion(recipe, tokenizer_dir, tmp_path / "run")
     assert "step 1: non-finite loss, step skipped (1 in a row)" in capsys.readouterr().out
-    ck = tmp_path / "run" / "checkpoints"
-    assert steps(ck) == [1, 2] and resolve_resume("latest", ck).name == "step_00000002"
+    ck = tmp_path / "run"
+    assert steps(ck) == [1, 2] and resolve_resume("latest", ck).name == "checkpoint-2"
 
 
 def test_full_disk_keeps_the_previous_checkpoint_and_names_the_cause(tmp_path, monkeypatch):
@@ -327,21 +331,21 @@ def test_full_disk_keeps_the_previous_checkpoint_and_names_the_cause(tmp_path, m
     original = Accelerator.save_state
 
     def fills_the_disk(self, output_dir=None, **kwargs):
-        if "step_00000002" in str(output_dir):
+        if "checkpoint-2" in str(output_dir):
             original(self, output_dir, **kwargs)  # some files land, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device", output_dir)
         return original(self, output_dir, **kwargs)
 
     monkeypatch.setattr(Accelerator, "save_state", fills_the_disk)
-    ck = tmp_path / "run" / "checkpoints"
+    ck = tmp_path / "run"
     with pytest.raises(CheckpointError) as error:
         train_tokenizer(_tokenizer_recipe(tmp_path), tmp_path / "run")
     message = str(error.value)
     assert "No space left on device" in message and str(ck) in message
-    assert f"previous checkpoint {ck / 'step_00000001'} is intact" in message
-    assert "--resume latest" in message
+    assert f"previous checkpoint {ck / 'checkpoint-1'} is intact" in message
+    assert "--resume_from_checkpoint latest" in message
     assert steps(ck) == [1] and not partials(ck), "the .partial folder is cleaned up"
-    assert resolve_resume("latest", ck).name == "step_00000001"
+    assert resolve_resume("latest", ck).name == "checkpoint-1"
 
 
 def test_unwritable_output_directory_is_a_clear_error(tmp_path):
@@ -353,8 +357,8 @@ def test_unwritable_output_directory_is_a_clear_error(tmp_path):
     accelerator.prepare(torch.nn.Linear(2, 2))
     blocked = tmp_path / "file"
     blocked.write_text("a file where the output folder should be")
-    with pytest.raises(CheckpointError, match=rf"{blocked}/checkpoints.*no earlier checkpoint"):
-        save_checkpoint(accelerator, blocked / "checkpoints", 1, 2)
+    with pytest.raises(CheckpointError, match=rf"{blocked}/run.*no earlier checkpoint"):
+        save_checkpoint(accelerator, blocked / "run", 1, 2)
 
 
 def test_damaged_newest_checkpoint_is_passed_over(tmp_path):
@@ -366,11 +370,11 @@ def test_damaged_newest_checkpoint_is_passed_over(tmp_path):
     accelerator.prepare(torch.nn.Linear(2, 2))
     for step in (1, 2, 3):
         save_checkpoint(accelerator, tmp_path, step, 3)
-    (tmp_path / "step_00000003" / "model.safetensors").unlink()
-    (tmp_path / "step_00000002" / "model.safetensors").write_bytes(b"\0" * 8)
+    (tmp_path / "checkpoint-3" / "model.safetensors").unlink()
+    (tmp_path / "checkpoint-2" / "model.safetensors").write_bytes(b"\0" * 8)
     with pytest.warns(UserWarning) as record:
-        assert resolve_resume("latest", tmp_path).name == "step_00000001"
+        assert resolve_resume("latest", tmp_path).name == "checkpoint-1"
     text = " ".join(str(w.message) for w in record)
     assert "model.safetensors is missing" in text and "bytes" in text
     with pytest.raises(CheckpointError, match="damaged checkpoint.*missing"):
-        resolve_resume(str(tmp_path / "step_00000003"), tmp_path)
+        resolve_resume(str(tmp_path / "checkpoint-3"), tmp_path)

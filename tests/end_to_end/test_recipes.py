@@ -146,7 +146,7 @@ def test_tokenizer_recipe_as_shipped(path, tmp_path, vgg_torch_home):
     tokenizer = VQTokenizer.from_pretrained(out / "tokenizer")
     assert tokenizer.config.quantizer == recipe["model"]["quantizer"]
     assert dict(tokenizer.config.quantizer_options) == recipe["model"]["quantizer_options"]
-    checkpoint = out / "checkpoints" / "step_00000003"
+    checkpoint = out / "checkpoint-3"
     assert (checkpoint / "model_1.safetensors").is_file() == gan  # the discriminator trained
     x = torch.rand(2, recipe["model"].get("in_channels", 3), side, side) * 2 - 1
     assert torch.isfinite(tokenizer(x).sample).all()
@@ -169,13 +169,20 @@ def test_tokenizer_recipe_in_bf16_resumes(tmp_path, vgg_torch_home):
         "train.batch_size=2",
         "loss.disc_start=1",
         "loss.disc_channels=8",
-        "train.checkpoint_every=2",
+        "train.checkpointing_steps=2",
     ]
     env = {"TORCH_HOME": str(vgg_torch_home)}
     run("train_tokenizer.py", *common, "train.max_steps=2", env=env)
-    done = run("train_tokenizer.py", *common, "train.max_steps=4", "--resume", "latest", env=env)
+    done = run(
+        "train_tokenizer.py",
+        *common,
+        "train.max_steps=4",
+        "--resume_from_checkpoint",
+        "latest",
+        env=env,
+    )
     assert "at step 2" in done.stdout + done.stderr
-    assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir()
+    assert (tmp_path / "run" / "checkpoint-4").is_dir()
     assert (tmp_path / "run" / "tokenizer" / "config.json").is_file()
 
 
@@ -213,10 +220,12 @@ def test_diffusion_recipe_as_shipped(path, tmp_path, fake_inception_file):
         f"unet.block_out_channels={[width] * levels}",
         "train.batch_size=2",
         "train.sample_steps=4",
-        "train.checkpoint_every=2",
+        "train.checkpointing_steps=2",
     ]
     run("train_diffusion.py", *common, "train.max_steps=2")
-    done = run("train_diffusion.py", *common, "train.max_steps=3", "--resume", "latest")
+    done = run(
+        "train_diffusion.py", *common, "train.max_steps=3", "--resume_from_checkpoint", "latest"
+    )
     assert "at step 2" in done.stdout + done.stderr
     cache = json.loads((out / "latents" / "metadata.json").read_text())
     for key in ("flips", "quantized", "dtype"):
@@ -281,10 +290,17 @@ def real_size_run(tmp_path_factory, vgg_torch_home):
         f"data.source={source}",
         "train.batch_size=2",
         "loss.disc_start=1",
-        "train.checkpoint_every=2",
+        "train.checkpointing_steps=2",
     ]
     run("train_tokenizer.py", *stage_one, "train.max_steps=2", env=env)
-    done = run("train_tokenizer.py", *stage_one, "train.max_steps=3", "--resume", "latest", env=env)
+    done = run(
+        "train_tokenizer.py",
+        *stage_one,
+        "train.max_steps=3",
+        "--resume_from_checkpoint",
+        "latest",
+        env=env,
+    )
     assert "at step 2" in done.stdout + done.stderr
     stage_two = [
         "--config",
@@ -296,10 +312,12 @@ def real_size_run(tmp_path_factory, vgg_torch_home):
         f"data.source={source}",
         "train.batch_size=4",
         "train.sample_steps=4",
-        "train.checkpoint_every=2",
+        "train.checkpointing_steps=2",
     ]
     run("train_diffusion.py", *stage_two, "train.max_steps=2")
-    done = run("train_diffusion.py", *stage_two, "train.max_steps=3", "--resume", "latest")
+    done = run(
+        "train_diffusion.py", *stage_two, "train.max_steps=3", "--resume_from_checkpoint", "latest"
+    )
     assert "at step 2" in done.stdout + done.stderr
     return tmp
 

@@ -405,3 +405,107 @@ def test_lmdb_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "lmdb", None)
     with pytest.raises(ImportError, match="pip install lmdb"):
         build_dataset(config)
+
+
+def test_tables_decode_through_with_transform_and_name_unreadable_rows(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    images = [_png_bytes(_noise((12, 10), i)) for i in range(4)]
+    images[1] = b"not an image"
+    table = datasets.Dataset.from_dict({"img": images, "y": [0, 1, 2, 3]})
+    table.save_to_disk(str(tmp_path / "saved"))
+    config = {
+        "source": str(tmp_path / "saved"),
+        "image_column": "img",
+        "label_column": "y",
+        "resolution": 8,
+        "validation_size": 1,
+        "seed": 3,
+    }
+    train = build_dataset(config, "train")
+    assert train.reader.table.format["type"] == "custom"  # Dataset.with_transform
+    row = train.reader.table[0]
+    assert isinstance(row["image"], Image.Image) and row["image"].mode == "RGB"
+    bad = int(np.flatnonzero(train.indices == 1)[0]) if 1 in train.indices else None
+    with pytest.warns(UserWarning, match="row 1"):
+        items = [train[i] for i in range(len(train))] + _items(config)
+    assert all(item["pixel_values"].shape == (3, 8, 8) for item in items)
+    assert train.skipped == [f"{tmp_path / 'saved'} row 1"] and bad is not None
+    assert int(train[bad]["label"]) != 1  # replaced by the next readable row
+    strict = build_dataset({**config, "strict": True}, "train")
+    with pytest.raises(ValueError, match=r"unreadable image .*row 1.*strict"):
+        [strict[i] for i in range(len(strict))]
+
+
+def test_hub_dataset_config_name_and_cache_dir_reach_load_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return _table()
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    config = {
+        "source": "someone/imagenet",
+        "dataset_config_name": "full",
+        "cache_dir": str(tmp_path / "hf"),
+        "split": "validation",
+        "image_column": "img",
+        "label_column": "y",
+        "resolution": 8,
+        "validation_size": 2,
+    }
+    assert len(build_dataset(config)) == 4
+    expected = dict(
+        name="full", split="validation", cache_dir=str(tmp_path / "hf"), streaming=False
+    )
+    assert calls == [("someone/imagenet", expected)]
+
+
+def test_cache_dir_holds_the_arrow_conversion_of_a_parquet_file(tmp_path: Path) -> None:
+    pytest.importorskip("datasets")
+    _table().to_parquet(str(tmp_path / "data.parquet"))
+    cache = tmp_path / "hf_cache"
+    config = {
+        "source": str(tmp_path / "data.parquet"),
+        "cache_dir": str(cache),
+        "image_column": "img",
+        "label_column": "y",
+        "resolution": 8,
+        "validation_size": 2,
+    }
+    assert len(build_dataset(config)) == 4
+    assert list(cache.rglob("*.arrow")), "the parquet file was converted into cache_dir"
+
+
+@pytest.mark.parametrize(
+    "source, change, key, fix",
+    [
+        ("digits", {"streaming": True, "validation_size": 10}, "streaming", "streaming: false"),
+        ("digits", {"dataset_config_name": "x"}, "dataset_config_name", "remove it"),
+        ("digits", {"cache_dir": "/tmp/x"}, "cache_dir", "remove it"),
+        ("lsun:{tmp}", {"streaming": True, "validation_size": 1}, "streaming", "false"),
+        ("{tmp}", {"streaming": True, "validation_size": 1}, "streaming", "image folder"),
+        ("{tmp}", {"cache_dir": "/tmp/x"}, "cache_dir", "NEVERCOLLAPSE_DATA_CACHE"),
+        ("{tmp}/data.parquet", {"dataset_config_name": "x"}, "dataset_config_name", "hub"),
+        ("{tmp}/data.arrow", {"cache_dir": "/tmp/x"}, "cache_dir", "remove it"),
+        ("someone/data", {"streaming": True}, "validation_size", "integer count"),
+        ("someone/data", {"shuffle_buffer_size": 0}, "shuffle_buffer_size", ">= 1"),
+        ("someone/data", {"dataset_config_name": ""}, "dataset_config_name", "non-empty"),
+    ],
+)
+def test_keys_a_source_cannot_use_are_refused_naming_the_key(
+    tmp_path: Path, source: str, change: dict, key: str, fix: str
+) -> None:
+    from engine.config import ConfigError
+    from engine.data import check_source_exists
+
+    (tmp_path / "data.parquet").write_bytes(b"")
+    (tmp_path / "data.arrow").write_bytes(b"")
+    config = {"source": source.format(tmp=tmp_path), **change}
+    for check in (lambda: check_source_exists(DataConfig(**config)), lambda: build_dataset(config)):
+        with pytest.raises(ConfigError, match=f"data.{key} = .*{fix}") as error:
+            check()  # before anything is read
+        assert "\n" not in str(error.value)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel
@@ -55,6 +57,35 @@ def test_encode_quantize_decode_compose_like_vqmodel(tiny):
         assert torch.equal(model.decode(q.z_q, force_not_quantize=True).sample, full)
         assert torch.equal(model.decode_indices(q.indices), full)
         assert not torch.equal(model.decode(h, force_not_quantize=True).sample, full)
+
+
+def test_tuple_outputs_and_commit_loss_as_vqmodel_returns_them(tiny):
+    model = tiny()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        out = model(x)
+        sample, commit_loss = model(x, return_dict=False)
+        (latents,) = model.encode(x, return_dict=False)
+        decoded = model.decode(latents)
+    assert torch.equal(sample, out.sample) and torch.equal(commit_loss, out.quantized.loss)
+    assert torch.equal(decoded.commit_loss, out.quantized.loss)
+    assert model.decode(latents, force_not_quantize=True).commit_loss is None
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    plain = tiny().train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.enable_gradient_checkpointing()
+    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    grads = []
+    for model in (plain, checkpointed):
+        sample, commit_loss = model(x, return_dict=False)
+        ((sample - x).abs().mean() + commit_loss).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_gradients_reach_encoder_and_codebook(tiny):

@@ -48,8 +48,10 @@ TINY = {
         "learning_rate": 1e-3,
         "log_every": 2,
         "image_every": 3,
-        "checkpoint_every": 2,
-        "keep_checkpoints": 3,
+        "validation_steps": 3,
+        "validation_size": 16,
+        "checkpointing_steps": 2,
+        "checkpoints_total_limit": 3,
     },
 }
 
@@ -95,30 +97,87 @@ def trained(tmp_path_factory):
 def test_run_exports_a_tokenizer_that_reloads_identically(trained):
     _, run = trained
     assert (run / "tokenizer" / "config.json").is_file()
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "step_00000002",
-        "step_00000004",
-        "step_00000006",
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
     ]
-    assert (run / "images" / "step_00000003.png").is_file()
+    assert (run / "images" / "reconstructions_00000003.png").is_file()
     assert list((run / "logs").rglob("events.out.tfevents*")), "TensorBoard logs"
     model = VQTokenizer.from_pretrained(run / "tokenizer").eval()
     again = VQTokenizer.from_pretrained(run / "tokenizer").eval()
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     assert torch.equal(model(x).sample, again(x).sample)
-    saved = load_file(run / "checkpoints" / "step_00000006" / "model.safetensors")
+    saved = load_file(run / "checkpoint-6" / "model.safetensors")
     assert torch.equal(saved["vector_quantizer.codebook"], model.vector_quantizer.codebook)
+
+
+def tracked(run: Path) -> dict:
+    """Scalars (tag → {step: value}), image tags and the hyperparameters, read back from the
+    run's TensorBoard files (and the hparams.yml accelerate writes beside them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, images = {}, set()
+    for events in (run / "logs").rglob("events.out.tfevents*"):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "images": 0})
+        acc.Reload()
+        tags = acc.Tags()
+        for tag in tags["scalars"]:
+            scalars.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
+        images |= set(tags["images"])
+    hparams = {}
+    for file in (run / "logs").rglob("hparams.yml"):
+        hparams.update(yaml.safe_load(file.read_text()))
+    return {"scalars": scalars, "images": images, "hparams": hparams}
+
+
+def test_the_tracker_gets_hyperparameters_losses_validation_and_images(trained):
+    logged = tracked(trained[1])
+    assert logged["hparams"]["train.learning_rate"] == 1e-3
+    assert logged["hparams"]["model.quantizer"] == "cvq"
+    assert set(logged["scalars"]["total"]) == {2, 4, 6} and "usage" in logged["scalars"]
+    assert set(logged["scalars"]["validation/nll"]) == {3, 6}
+    assert {"validation/psnr", "validation/usage"} <= logged["scalars"].keys()
+    assert "reconstructions" in logged["images"]
+
+
+def test_the_best_validation_export_is_kept_beside_the_last(trained):
+    _, run = trained
+    nll = tracked(run)["scalars"]["validation/nll"]
+    best = load_file(run / "tokenizer-best" / "diffusion_pytorch_model.safetensors")
+    last = load_file(run / "tokenizer" / "diffusion_pytorch_model.safetensors")
+    same = all(torch.equal(best[k], last[k]) for k in last)
+    assert same == (nll[6] < nll[3])  # the export of step 6 only if step 6 was better
+    checkpoint = torch.load(run / "checkpoint-6" / "progress.pt", weights_only=True)
+    assert checkpoint["best"] == pytest.approx(min(nll.values()), rel=1e-5)
+
+
+def test_a_run_starts_from_an_exported_tokenizer(trained, tmp_path):
+    config, run = trained
+    tuned = tmp_path / "tuned"
+    train(config, tuned, f"train.init_from={run}", "train.max_steps=1", "train.learning_rate=1e-9")
+    start = load_file(run / "tokenizer" / "diffusion_pytorch_model.safetensors")
+    after = load_file(tuned / "tokenizer" / "diffusion_pytorch_model.safetensors")
+    weights = [k for k in start if "codebook" not in k and "usage" not in k and "anchor" not in k]
+    for key in weights:  # one step at lr 1e-9 moves no weight visibly
+        torch.testing.assert_close(after[key], start[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_init_from_a_different_architecture_names_the_mismatch(trained, tiny_tokenizer):
+    from engine.config import ConfigError
+    from engine.weights import init_from
+
+    with pytest.raises(ConfigError, match=r"init_from=.*tokenizer: .* is \(.*\) there but"):
+        init_from(tiny_tokenizer(ch=8), trained[1], ("tokenizer",))
 
 
 def test_resume_continues_at_the_saved_step_with_the_same_state(trained, tmp_path):
     config, run = trained
     resumed = tmp_path / "resumed"
-    shutil.copytree(
-        run / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002"
-    )
+    shutil.copytree(run / "checkpoint-2", resumed / "checkpoint-2")
     # a checkpoint killed mid-write is never picked
-    (resumed / "checkpoints" / "step_00000004.partial").mkdir()
-    done = train(config, resumed, "--resume", "latest")
+    (resumed / "checkpoint-4.partial").mkdir()
+    done = train(config, resumed, "--resume_from_checkpoint", "latest")
     assert "at step 2" in done.stdout + done.stderr
     a = load_file(run / "tokenizer" / "diffusion_pytorch_model.safetensors")
     b = load_file(resumed / "tokenizer" / "diffusion_pytorch_model.safetensors")
@@ -133,8 +192,8 @@ def test_discriminator_untouched_before_disc_start(trained):
     torch.manual_seed(recipe.train.seed)  # the construction order of train_tokenizer
     VQTokenizer(**recipe.model)
     initial = VQGANLoss(recipe.loss).discriminator.state_dict()
-    at_start = load_file(run / "checkpoints" / "step_00000004" / "model_1.safetensors")
-    after = load_file(run / "checkpoints" / "step_00000006" / "model_1.safetensors")
+    at_start = load_file(run / "checkpoint-4" / "model_1.safetensors")
+    after = load_file(run / "checkpoint-6" / "model_1.safetensors")
     assert at_start.keys() == initial.keys()
     for key in initial:  # parameters and BatchNorm buffers alike
         assert torch.equal(at_start[key], initial[key]), key
@@ -315,7 +374,7 @@ def test_missing_vgg_weights_stop_before_training(tmp_path):
     assert done.returncode != 0
     assert "vgg16-397923af.pth" in done.stderr and "perceptual_weight: 0" in done.stderr
     assert "Traceback" not in done.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
 
 
 def test_script_reports_config_errors_in_one_line(tmp_path):

@@ -1,0 +1,35 @@
+"""Publish a saved pipeline folder on the Hugging Face Hub (after ``eval_fid.py``, its card
+carries the FID in ``model-index``).
+
+    python scripts/push_to_hub.py --pipeline runs/cin/pipeline --hub_model_id you/cin-ldm \
+        [--hub_private_repo] [--hub_token TOKEN]
+
+Only the pipeline folder goes up (code, weights, model card, training configs): never
+checkpoints, latents or logs. ``train_diffusion.py --push_to_hub`` does the same at the end of
+training. The token is the one of ``huggingface-cli login`` unless given.
+"""
+
+import argparse
+import sys
+
+from pipelines.hub import HubPushError, push_to_hub
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pipeline", required=True, help="DIR/pipeline of train_diffusion.py")
+    parser.add_argument("--hub_model_id", required=True, help="the repository, e.g. you/cin-ldm")
+    parser.add_argument("--hub_private_repo", action="store_true", help="create it private")
+    parser.add_argument("--hub_token", help="default: the huggingface-cli login token")
+    args = parser.parse_args()
+    try:
+        url = push_to_hub(
+            args.pipeline, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token
+        )
+    except (HubPushError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"pushed {args.pipeline} to {url}")
+
+
+if __name__ == "__main__":
+    main()
