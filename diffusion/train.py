@@ -74,13 +74,26 @@ class CacheConfig:
         require(self.num_workers >= 0, "cache.num_workers", self.num_workers, "must be >= 0")
 
 
+# diffusers' learning-rate schedules (get_scheduler); "piecewise_constant" needs rules we lack
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+
+
 @dataclass
 class DiffusionTrainConfig(RunConfig):
     """``train`` section: the keys of :class:`engine.run.RunConfig` (defaults below), and
 
     learning_rate: AdamW learning rate after warm-up.
     adam_betas, weight_decay: AdamW settings.
-    warmup_steps: linear learning-rate warm-up.
+    lr_scheduler: the learning-rate schedule after warm-up, by diffusers' names ("constant",
+      "linear", "cosine", "cosine_with_restarts", "polynomial"; "constant_with_warmup" = constant).
+    lr_warmup_steps: linear learning-rate warm-up.
     ema_decay: decay of the UNet's EMA (0.9999), reached through EMA warm-up
       1 − (1 + step)^−ema_power; the exported pipeline uses the EMA weights.
     ema_power: EMA warm-up power (2/3 for long runs, 3/4 for short ones).
@@ -103,7 +116,8 @@ class DiffusionTrainConfig(RunConfig):
     learning_rate: float = 1e-4
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
-    warmup_steps: int = 500
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 500
     ema_decay: float = 0.9999
     ema_power: float = 0.75
     label_dropout: float = 0.1
@@ -118,7 +132,15 @@ class DiffusionTrainConfig(RunConfig):
         super().__post_init__()
         for key in ("sample_every", "sample_steps"):
             require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
-        require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        require(
+            self.lr_warmup_steps >= 0, "train.lr_warmup_steps", self.lr_warmup_steps, "must be >= 0"
+        )
+        require(
+            self.lr_scheduler in LR_SCHEDULERS,
+            "train.lr_scheduler",
+            self.lr_scheduler,
+            f"choose one of {list(LR_SCHEDULERS)}",
+        )
         require(0 < self.ema_decay < 1, "train.ema_decay", self.ema_decay, "must be in (0, 1)")
         require(
             0 <= self.label_dropout < 1,
@@ -230,9 +252,11 @@ def train_diffusion(
         unet.parameters(), lr=lr, betas=tuple(train.adam_betas), weight_decay=train.weight_decay
     )
     lr_schedule = get_scheduler(
-        "constant_with_warmup",
+        train.lr_scheduler,
         optimizer,
-        num_warmup_steps=train.warmup_steps * accelerator.num_processes,
+        # the prepared schedule steps once per process per optimizer step
+        num_warmup_steps=train.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=train.max_steps * accelerator.num_processes,
     )
     unet, optimizer, lr_schedule = accelerator.prepare(unet, optimizer, lr_schedule)
     ema = EMAModel(  # of the prepared weights, which are process 0's on every process
@@ -330,9 +354,10 @@ def validation_loss(accelerator, unet, held_out, scale, noise_schedule, train, n
     steps = noise_schedule.config.num_train_timesteps
     t_all = torch.linspace(0, steps - 1, n).round().long()
     total = torch.zeros(2, device=accelerator.device)  # squared-error sum, elements
-    mine = range(accelerator.process_index, n, accelerator.num_processes)
-    for start in range(0, len(mine), train.batch_size):
-        ids = list(mine[start : start + train.batch_size])
+    mine = torch.arange(accelerator.process_index, n, accelerator.num_processes)
+    batches = max(1, len(mine) // train.batch_size)  # none smaller than batch_size unless all
+    for ids in mine.tensor_split(batches) if len(mine) else []:
+        ids = ids.tolist()
         items = [held_out[i] for i in ids]
         latents = torch.stack([item["latents"] for item in items]).to(accelerator.device) * scale
         noise, t = noise_all[ids].to(latents.device), t_all[ids].to(latents.device)

@@ -141,6 +141,7 @@ def signature_hints(fn: Callable, skip: tuple[str, ...] = ("self", "return")) ->
 RENAMED = {
     "train.checkpoint_every": "train.checkpointing_steps",
     "train.keep_checkpoints": "train.checkpoints_total_limit",
+    "train.warmup_steps": "train.lr_warmup_steps",
 }
 
 

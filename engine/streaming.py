@@ -159,7 +159,7 @@ class ImageStream(IterableDataset):
                 "avoids that",
                 stacklevel=2,
             )
-            rows = split_dataset_by_node(rows, rank, world_size, strategy="examples")
+            rows = split_dataset_by_node(rows, rank, world_size)  # "examples": no divisor
         return rows.shuffle(seed=seed, buffer_size=self.buffer_size)
 
     def examples(self, rank: int, world_size: int, seed: int, skip: int = 0) -> Iterator[dict]:

@@ -79,7 +79,7 @@ DIFFUSION_CONFIG = {
         "max_steps": MAX_STEPS,
         "batch_size": 8,
         "learning_rate": 1e-3,
-        "warmup_steps": 20,
+        "lr_warmup_steps": 20,
         "ema_decay": 0.99,
         "log_every": 100,
         "sample_every": 100,

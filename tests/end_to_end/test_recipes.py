@@ -59,7 +59,9 @@ def miniature_source(data: dict, folder: Path, side: int) -> str:
     """A small dataset in the format of ``data.source``; returns the source to train on."""
     source = data["source"]
     held = data.get("validation_size", 0.05)
-    count = (held if isinstance(held, int) else 1) + 12
+    # at least two held-out images: the validation batches of a miniature UNet (1×1 at its
+    # bottom, where GroupNorm needs more than one value per group) must not be of one latent
+    count = held + 12 if isinstance(held, int) else max(13, round(2 / held))
     if source == "digits":
         return source
     if source.startswith("lsun:"):
