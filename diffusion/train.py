@@ -269,10 +269,16 @@ def train_diffusion(
     )
     run = Run(accelerator, output_dir, config, {"ema": ema}, resume=resume, name="diffusion")
 
-    def save_pipeline(folder: Path) -> None:
-        with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer, num_classes) as pipe:
-            pipe.save_pretrained(folder)
-        describe_export(folder, to_mapping(config), Path(tokenizer_dir), bool(num_classes))
+    def save_pipeline(folder: Path) -> Path:
+        """The EMA pipeline, its card (naming ``folder``) and configs, swapped in atomically."""
+
+        def save(tmp: Path) -> None:
+            with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer, num_classes) as pipe:
+                pipe.save_pretrained(tmp)
+            conditional = bool(num_classes)
+            describe_export(tmp, to_mapping(config), Path(tokenizer_dir), conditional, folder.name)
+
+        return export(folder, save)
 
     noise_schedule = training_scheduler()
     batches = run.batches(cache)
@@ -320,7 +326,7 @@ def train_diffusion(
                 )
             if run.validated({"validation/loss": value}, "validation/loss"):
                 if accelerator.is_main_process:
-                    export(output_dir / "pipeline-best", save_pipeline)
+                    save_pipeline(output_dir / "pipeline-best")
         if accelerator.is_main_process and run.due(train.sample_every):
             with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer, num_classes) as pipe:
                 run.log_image("samples", _samples(pipe, train, num_classes), 4)
@@ -334,7 +340,7 @@ def train_diffusion(
     )
     last = output_dir / "pipeline"
     if accelerator.is_main_process:
-        export(last, save_pipeline)
+        save_pipeline(last)
         accelerator.print(
             f"pipeline exported to {last} (best validation: {last}-best; latent "
             f"scaling_factor {scale:.4f})"

@@ -119,7 +119,8 @@ def test_train_export_and_exact_resume(tmp_path, tokenizer_dir, num_classes):
     best = load_file(run_dir / "pipeline-best" / "unet" / "diffusion_pytorch_model.safetensors")
     last = load_file(run_dir / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(best[k], last[k]) for k in last) == (val[6] < val[3])
-    assert (run_dir / "pipeline-best" / "README.md").is_file()
+    best_card = (run_dir / "pipeline-best" / "README.md").read_text()
+    assert 'from_pretrained("pipeline-best"' in best_card and ".partial" not in best_card
 
     if not num_classes:  # fine-tuning: a run starting from this pipeline's UNet
         tuned = tmp_path / "tuned"
