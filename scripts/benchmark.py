@@ -85,11 +85,43 @@ def skipped(family, what, setting, notes) -> dict:
 # ------------------------------------------------------------------------------------ rows
 
 
+CPU_CASES = [  # what, quantizer, options, latent shape, target on a 2-core CPU
+    (
+        "LooC fwd+bwd, MNIST setting, closest",
+        "looc",
+        dict(num_codes=256, code_dim=4, interp_scale=2, distance="cosine", anchor="closest"),
+        (64, 128, 7, 7),
+        "target <= 200 ms (2 threads)",
+    ),
+    (
+        "LooC fwd+bwd, MNIST setting, probabilistic",
+        "looc",
+        dict(num_codes=256, code_dim=4, interp_scale=2, distance="cosine"),
+        (64, 128, 7, 7),
+        "target <= 300 ms (2 threads)",
+    ),
+    (
+        "LooC fwd+bwd, f16 setting, closest",
+        "looc",
+        dict(num_codes=1024, code_dim=4, interp_scale=2, distance="cosine", anchor="closest"),
+        (2, 256, 16, 16),
+        "target <= 200 ms (2 threads)",
+    ),
+    (
+        "CVQ fwd+bwd, MNIST setting, closest",
+        "cvq",
+        dict(num_codes=1024, code_dim=128, distance="cosine", anchor="closest"),
+        (64, 128, 7, 7),
+        "target <= 60 ms (2 threads)",
+    ),
+]
+
+
 def bench_quantizer(args, device) -> list[dict]:
     """Forward + backward of a quantizer on random latents: LooC (chunked and dense search), CVQ,
     and vector-quantize-pytorch's multi-head VQ at LooC's shape."""
     from tokenizer.quantizers import build_quantizer
-    from tokenizer.quantizers.search import DEFAULT_MAX_ELEMENTS
+    from tokenizer.quantizers.search import DEFAULT_TILE_ELEMENTS
 
     real = args.size == "real"
     b, side, k = (32, 16, 1024) if real else (2, 8, 256)
@@ -105,9 +137,9 @@ def bench_quantizer(args, device) -> list[dict]:
 
     rows = []
     n_looc = b * (side * 2) ** 2 * (looc_c // 4)  # beta=2 up-sampling, d*=4 segments
-    # tiny sizes fit one default chunk: search in 8 chunks there so the chunked path runs
-    chunked = DEFAULT_MAX_ELEMENTS if real else n_looc * k // 8
-    for search, max_elements in (("chunked", chunked), ("dense", 2**62)):
+    # tiny sizes fit one default tile: search in 8 tiles there so the tiled path runs
+    tiled = DEFAULT_TILE_ELEMENTS if real else n_looc * k // 8
+    for search, max_elements in (("tiled", tiled), ("one-tile (dense)", 2**62)):
         q = (
             build_quantizer(
                 "looc", num_codes=k, code_dim=4, interp_scale=2, max_search_elements=max_elements
@@ -127,11 +159,20 @@ def bench_quantizer(args, device) -> list[dict]:
                 peak,
                 n_looc,
                 "vectors/s",
-                f"N={n_looc:,}, {chunks} chunk(s) of <= {max_elements // k:,} rows"
+                f"N={n_looc:,}, {chunks} tiles of <= {max_elements // k:,} rows"
                 if chunks > 1
                 else f"N={n_looc:,}",
             )
         )
+    if device.type == "cpu":  # the performance issue's CPU cases, with their targets
+        for what, kind, options, shape, target in CPU_CASES:
+            q = build_quantizer(kind, **options).to(device).train()
+            z = torch.randn(*shape, device=device, requires_grad=True)
+            seconds, peak = time_quantizer(q, z)
+            n = math.prod(shape) // options["code_dim"] * options.get("interp_scale", 1) ** 2
+            setting = ", ".join(f"{key}={value}" for key, value in options.items())
+            setting += f", {'x'.join(map(str, shape))}"
+            rows.append(row("quantizer", what, setting, seconds, peak, n, "vectors/s", target))
     q = build_quantizer("cvq", num_codes=k, code_dim=cvq_d).to(device).train()
     z = torch.randn(b, cvq_d, side, side, device=device, requires_grad=True)
     seconds, peak = time_quantizer(q, z)

@@ -213,7 +213,13 @@ def main() -> None:
         return
 
     metrics = fidelity_metrics(
-        generated, reference.features, kid=args.kid, isc=args.isc, prc=args.prc, seed=args.seed
+        generated,
+        reference.features,
+        kid=args.kid,
+        isc=args.isc,
+        prc=args.prc,
+        seed=args.seed,
+        device=accelerator.device,  # precision/recall's distances
     )
     if args.per_class:
         try:

@@ -58,11 +58,15 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(digits_features):
     assert 0 < small < large
 
 
-def test_kid_isc_and_precision_recall_come_from_torch_fidelity(digits_features):
+def test_kid_isc_from_torch_fidelity_and_precision_recall_as_it_defines_them(digits_features):
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
     clean, noisy = digits_features["clean"], digits_features[0.5]
     same = fidelity_metrics(clean, clean["2048"], kid=True, isc=True, prc=True)
     assert same["precision"] == same["recall"] == 1.0
-    other = fidelity_metrics(noisy, clean["2048"], kid=True, isc=True, prc=True)
+    other = fidelity_metrics(noisy, clean["2048"], kid=True, isc=True, prc=True, device="cpu")
+    prc = prc_features_to_metric(noisy["2048"], clean["2048"], verbose=False)
+    assert {k: other[k] for k in prc} == prc
     assert other["kernel_inception_distance_mean"] > same["kernel_inception_distance_mean"] + 1e-3
     assert other["kid_subset_size"] == 12 and other["inception_score_mean"] >= 1.0
     assert other["fid"] == pytest.approx(frechet_distance(noisy["2048"], clean["2048"]))

@@ -306,14 +306,19 @@ def test_looc_refuses_bad_interp_scale(scale):
 
 @pytest.mark.parametrize("name", ["vq", "cvq", "looc"])
 def test_search_and_update_run_in_fp32_under_bf16_autocast(name, monkeypatch):
+    from tokenizer.quantizers import cvq
+
     seen = []
-    real = core.nearest_code
 
-    def spy(rows, codebook, *args):
-        seen.append((rows.dtype, codebook.dtype))
-        return real(rows, codebook, *args)
+    def spying(real):
+        def spy(rows, codebook, *args, **kwargs):
+            seen.append((rows.dtype, codebook.dtype))
+            return real(rows, codebook, *args, **kwargs)
 
-    monkeypatch.setattr(core, "nearest_code", spy)
+        return spy
+
+    monkeypatch.setattr(core, "nearest_code", spying(core.nearest_code))  # VQ, evaluation
+    monkeypatch.setattr(cvq, "search_and_anchor", spying(cvq.search_and_anchor))  # CVQ, LooC
     torch.manual_seed(0)
     q = make(name)
     z = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)
@@ -343,36 +348,47 @@ def test_autocast_does_not_change_the_chosen_codes():
     assert torch.equal(autocast, reference)
 
 
-@pytest.mark.parametrize("distance", ["l2", "cosine"])
-def test_chunked_search_equals_full_search(distance):
-    from tokenizer.quantizers import best_feature_per_code
-
-    g = torch.Generator().manual_seed(0)
-    x, codebook = torch.randn(1000, 4, generator=g), torch.randn(37, 4, generator=g)
+def dense_scores(x, codebook, distance):
+    """The reference: the whole N×K score matrix at once."""
     if distance == "cosine":
-        sim = F.normalize(x, dim=1) @ F.normalize(codebook, dim=1).t()
-    else:
-        sim = -torch.cdist(x, codebook).pow(2)
-    for max_elements in (1, 100, 10**9):
-        assert torch.equal(nearest_code(x, codebook, distance, max_elements), sim.argmax(1))
-        score, where = best_feature_per_code(x, codebook, distance, max_elements=max_elements)
-        assert torch.equal(where, sim.argmax(0))
-        assert torch.allclose(score, sim.max(0).values, atol=1e-5)
+        return F.normalize(x, dim=1) @ F.normalize(codebook, dim=1).t()
+    return -torch.cdist(x.double(), codebook.double()).pow(2)
 
 
-def test_probabilistic_anchor_samples_the_softmax():
-    from tokenizer.quantizers import best_feature_per_code
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("n, k, d", [(1000, 37, 4), (4099, 256, 4), (333, 1024, 128), (50, 3, 2)])
+def test_tiled_search_and_closest_anchors_equal_the_dense_reference(distance, n, k, d):
+    from tokenizer.quantizers import search_and_anchor
+
+    g = torch.Generator().manual_seed(n + k)
+    x, codebook = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    x[7] = x[3]  # duplicate rows: the first one is the anchor, as argmax picks it
+    sim = dense_scores(x, codebook, distance)
+    for tile_elements in (1, 100, k * 7 + 3, 10**9):  # one row per tile … one tile
+        found = search_and_anchor(x, codebook, distance, "closest", tile_elements=tile_elements)
+        assert torch.equal(found.indices, sim.argmax(1))
+        assert torch.equal(found.anchor_row, sim.argmax(0))
+        torch.testing.assert_close(
+            found.anchor_score.double(), sim.max(0).values.double(), atol=1e-4, rtol=1e-5
+        )
+        assert torch.equal(nearest_code(x, codebook, distance, tile_elements), sim.argmax(1))
+
+
+@pytest.mark.parametrize("tile_elements", [20000, 10**9], ids=["a row per tile", "one tile"])
+def test_probabilistic_anchor_samples_the_softmax(tile_elements):
+    from tokenizer.quantizers import search_and_anchor
 
     x = torch.tensor([[0.0], [1.0], [2.0]])
     codebook = torch.zeros(20000, 1)  # 20,000 independent draws, one per (identical) code
-    _, where = best_feature_per_code(
+    found = search_and_anchor(
         x,
         codebook,
         "l2",
-        gumbel=True,
-        max_elements=7000,
+        "probabilistic",
         generator=torch.Generator().manual_seed(0),
+        tile_elements=tile_elements,
     )
+    where = found.anchor_row
     freq = torch.bincount(where, minlength=3).float() / 20000
     expected = torch.softmax(-(x.flatten() ** 2), 0)
     assert torch.allclose(freq, expected, atol=0.01), (freq, expected)

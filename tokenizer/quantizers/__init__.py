@@ -10,7 +10,7 @@ import inspect
 from .core import Quantizer, QuantizerOutput, perplexity
 from .cvq import ANCHORS, ClusteredQuantizer
 from .looc import LooCQuantizer
-from .search import best_feature_per_code, nearest_code
+from .search import Search, nearest_code, search_and_anchor
 from .vq import VectorQuantizer
 
 QUANTIZERS = {"vq": VectorQuantizer, "cvq": ClusteredQuantizer, "looc": LooCQuantizer}
@@ -48,7 +48,8 @@ __all__ = [
     "Quantizer",
     "QuantizerOutput",
     "VectorQuantizer",
-    "best_feature_per_code",
+    "Search",
+    "search_and_anchor",
     "build_quantizer",
     "nearest_code",
     "perplexity",

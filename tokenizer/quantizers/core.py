@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .search import DEFAULT_MAX_ELEMENTS, DISTANCES, nearest_code
+from .search import DEFAULT_TILE_ELEMENTS, DISTANCES, nearest_code
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Quantizer(nn.Module):
         code_dim: int = 64,
         beta: float = 0.25,
         distance: str = "l2",
-        max_search_elements: int = DEFAULT_MAX_ELEMENTS,
+        max_search_elements: int = DEFAULT_TILE_ELEMENTS,
     ):
         super().__init__()
         _check(

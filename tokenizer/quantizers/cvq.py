@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .core import Quantizer, _check
 from .distributed import all_reduce_sum, pick_best_across_processes, rank
-from .search import best_feature_per_code
+from .search import search_and_anchor
 
 ANCHORS = ("random", "unique", "closest", "probabilistic")
 
@@ -88,19 +88,30 @@ class ClusteredQuantizer(Quantizer):
         seed = int(torch.randint(0, 2**62, (1,)))
         return torch.Generator(device=device).manual_seed(seed + 1_000_003 * rank())
 
+    def search(self, rows: torch.Tensor) -> torch.Tensor:
+        """The nearest codes; in a training step that updates the codebook with "closest" or
+        "probabilistic" anchors, the anchor candidates come from the same pass over the scores
+        (:func:`~.search.search_and_anchor`) and are kept for ``_anchors``."""
+        anchored = self.training and self.anchor in ("closest", "probabilistic")
+        if not (anchored and (self.online or not bool(self.initialised))):
+            return super().search(rows)
+        self._found = search_and_anchor(
+            rows,
+            self.codebook.detach().float(),
+            self.distance,
+            anchor=self.anchor,
+            generator=self._generator(rows.device),
+            tile_elements=self.max_search_elements,
+        )
+        return self._found.indices
+
     def _anchors(self, rows: torch.Tensor) -> torch.Tensor:
         n, k = rows.shape[0], self.num_codes
-        gen = self._generator(rows.device)
         if self.anchor in ("closest", "probabilistic"):
-            score, where = best_feature_per_code(
-                rows,
-                self.codebook.detach().float(),
-                self.distance,
-                gumbel=self.anchor == "probabilistic",
-                generator=gen,
-                max_elements=self.max_search_elements,
-            )
+            found, self._found = self._found, None
+            score, where = found.anchor_score, found.anchor_row
         else:
+            gen = self._generator(rows.device)
             if self.anchor == "random":
                 where = torch.randint(0, n, (k,), generator=gen, device=rows.device)
             else:  # unique; with fewer features than codes, repeats are unavoidable

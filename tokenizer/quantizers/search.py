@@ -1,96 +1,126 @@
-"""Nearest-code search, memory-bounded.
+"""Nearest-code search fused with the CVQ anchor draw, in tiles that fit in cache.
 
-The N×K score matrix is never materialised whole: rows are processed in chunks of at most
-``max_elements // K`` vectors, and only an argmax per row (``nearest_code``) or a running max per
-column (``best_feature_per_code``) is kept. Nothing is sorted. This is the one place a fused GPU
-kernel would replace.
+The N×K score matrix is never materialised: rows are processed in tiles of at most
+``tile_elements // K`` vectors (1 MiB of float32 scores by default). One pass over the tiles
+gives every vector's nearest code and, from the same tile of scores, each code's anchor
+candidate (CVQ-VAE Sec. 3.2):
 
-Scores are similarities (higher is closer): cosine similarity for ``"cosine"`` and the negative
+- "closest": a running maximum per code over the tiles; when a tile improves it for some
+  codes, their rows in that tile are found from the tile's scores (an argmax over the few
+  improved columns, so no second pass and no per-row work for the others);
+- "probabilistic" (row i drawn with probability softmax_i(score_ik)): an exact two-level
+  Gumbel-max draw. Per tile and code, log Σ_i exp(score_ik) plus a Gumbel variable; the running
+  maximum of these over the tiles picks a tile with probability proportional to its mass, and
+  whenever a tile takes the lead for a code, a Gumbel-max over that tile's rows draws the row
+  (independently of how the tile was chosen, so the pair is an exact draw). Random numbers: one
+  per tile and code, plus one per row for each change of lead (about K·ln(tiles) columns),
+  never N×K. The returned score, the maximum of (log-mass + Gumbel), is itself a Gumbel-max
+  value of the whole set, so maxima across processes stay an exact draw.
+
+Memory besides the inputs and outputs: one or two tiles of scores and O(K) running values,
+whatever N.
+Ties: the first index wins everywhere (the lowest code for a row; the first row for a code),
+as ``argmax`` on the dense matrix does.
+
+Scores are similarities (higher is closer): cosine similarity for ``"cosine"``, the negative
 squared Euclidean distance for ``"l2"``. Callers pass float32 tensors.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 DISTANCES = ("l2", "cosine")
+ANCHORED = (None, "closest", "probabilistic")
 
-# 2**26 float32 scores = 256 MiB per chunk.
-DEFAULT_MAX_ELEMENTS = 2**26
+# scores per tile: 2**18 float32 = 1 MiB, which stays in a core's L2 cache
+DEFAULT_TILE_ELEMENTS = 2**18
 
 
-def _prepare(codebook: torch.Tensor, distance: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+@dataclass
+class Search:
+    """``indices``: each row's nearest code (N). ``anchor_score`` / ``anchor_row``: per code,
+    the score of its anchor candidate (the Gumbel-max value for "probabilistic") and the row
+    (K each); None without anchors."""
+
+    indices: torch.Tensor
+    anchor_score: torch.Tensor | None = None
+    anchor_row: torch.Tensor | None = None
+
+
+def _operands(x: torch.Tensor, codebook: torch.Tensor, distance: str):
+    """Row and code matrices whose product is the full score matrix: for cosine the normalised
+    vectors; for l2 the augmented [2x, −‖x‖², 1] and [e, 1, −‖e‖²], whose product is
+    2x·e − ‖x‖² − ‖e‖² = −‖x − e‖² in one matrix product."""
     if distance == "cosine":
-        return F.normalize(codebook, dim=1), None
-    return codebook, codebook.pow(2).sum(1)
+        return F.normalize(x, dim=1), F.normalize(codebook, dim=1).t().contiguous()
+    ones_x, ones_c = x.new_ones(len(x), 1), codebook.new_ones(len(codebook), 1)
+    rows = torch.cat([2 * x, -x.pow(2).sum(1, keepdim=True), ones_x], 1)
+    codes = torch.cat([codebook, ones_c, -codebook.pow(2).sum(1, keepdim=True)], 1)
+    return rows, codes.t().contiguous()
 
 
-def _scores(
-    x: torch.Tensor, codes: torch.Tensor, code_sq: torch.Tensor | None, per_code: bool = False
-) -> torch.Tensor:
-    """Similarity of each row of ``x`` to each code: n×K, or K×n with ``per_code=True`` (the
-    layout whose rows a max over features runs along). The n×K l2 score omits the per-row
-    constant −‖x‖², which does not change a row's argmax; the K×n one is the full score."""
-    if code_sq is None:  # cosine
-        x = F.normalize(x, dim=1)
-        return codes @ x.t() if per_code else x @ codes.t()
-    if not per_code:
-        return torch.addmm(code_sq, x, codes.t(), beta=-1.0, alpha=2.0)  # 2x·e − ‖e‖²
-    scores = torch.addmm(code_sq.unsqueeze(1), codes, x.t(), beta=-1.0, alpha=2.0)
-    return scores.sub_(x.pow(2).sum(1))
-
-
-def _chunks(n: int, k: int, max_elements: int):
-    step = max(1, max_elements // max(k, 1))
-    for start in range(0, n, step):
-        yield start, min(start + step, n)
+def _gumbel(shape, generator, device) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, device=device)
+    return -torch.log(-torch.log(u.clamp_(min=1e-20)))
 
 
 @torch.no_grad()
+def search_and_anchor(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    distance: str = "l2",
+    anchor: str | None = None,
+    generator: torch.Generator | None = None,
+    tile_elements: int = DEFAULT_TILE_ELEMENTS,
+) -> Search:
+    """Every row's nearest code in ``codebook`` (Eq. 2 of CVQ-VAE) and, with ``anchor``
+    ("closest" or "probabilistic"), every code's anchor candidate, in one pass over tiles of
+    rows (see the module docstring)."""
+    if anchor not in ANCHORED:
+        raise ValueError(f"anchor must be one of {ANCHORED}, got {anchor!r}")
+    rows, codes = _operands(x, codebook, distance)
+    n, k, device = len(rows), codes.shape[1], x.device
+    step = min(max(1, tile_elements // max(k, 1)), max(n, 1))
+    indices = torch.empty(n, dtype=torch.long, device=device)
+    best = torch.full((k,), float("-inf"), device=device)
+    where = torch.zeros(k, dtype=torch.long, device=device)
+    scores = torch.empty(step, k, device=device)
+    mass = torch.empty(step, k, device=device) if anchor == "probabilistic" else None
+    for start in range(0, n, step):
+        s = torch.mm(rows[start : start + step], codes, out=scores[: min(step, n - start)])
+        indices[start : start + len(s)] = s.argmax(1)
+        if anchor is None:
+            continue
+        if anchor == "closest":
+            value = s.amax(0)
+        else:  # the tile's log-mass per code plus Gumbel noise: a Gumbel-max over tiles
+            top = s.amax(0) if distance == "l2" else s.new_zeros(k)  # cosine: |s| <= 1
+            e = torch.sub(s, top, out=mass[: len(s)]).exp_()
+            value = e.sum(0).log_().add_(top).add_(_gumbel(k, generator, device))
+        # the codes whose candidate is now in this tile: their row within it (for
+        # "probabilistic" a Gumbel-max draw in the tile, independent of the tile's selection)
+        better = (value > best).nonzero().flatten()
+        if len(better):
+            column = s[:, better]
+            if anchor == "probabilistic":
+                column += _gumbel(column.shape, generator, device)
+            where[better] = column.argmax(0) + start
+            best[better] = value[better]
+    if anchor is None:
+        return Search(indices)
+    return Search(indices, best, where)
+
+
 def nearest_code(
     x: torch.Tensor,
     codebook: torch.Tensor,
     distance: str = "l2",
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    tile_elements: int = DEFAULT_TILE_ELEMENTS,
 ) -> torch.Tensor:
-    """Index of the closest code for every row of ``x`` (N×d) in ``codebook`` (K×d): Eq. 2 of
-    CVQ-VAE, argmin over codes of the distance. Returns a long tensor of length N."""
-    codes, code_sq = _prepare(codebook, distance)
-    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for start, end in _chunks(x.shape[0], codes.shape[0], max_elements):
-        out[start:end] = _scores(x[start:end], codes, code_sq).argmax(1)
-    return out
-
-
-@torch.no_grad()
-def best_feature_per_code(
-    x: torch.Tensor,
-    codebook: torch.Tensor,
-    distance: str = "l2",
-    gumbel: bool = False,
-    generator: torch.Generator | None = None,
-    max_elements: int = DEFAULT_MAX_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every code, the row of ``x`` with the highest score and that score (two tensors of
-    length K).
-
-    ``gumbel=False`` gives the closest feature of each code ("closest" anchors). ``gumbel=True``
-    adds independent Gumbel noise to every score before the max, which draws row i with
-    probability softmax_i(score_ik): the "probabilistic random" anchors of CVQ-VAE Sec. 3.2,
-    p = exp(−D_ik) / Σ_i exp(−D_ik), sampled without forming the N×K softmax.
-    """
-    codes, code_sq = _prepare(codebook, distance)
-    k = codes.shape[0]
-    best = torch.full((k,), float("-inf"), device=x.device, dtype=x.dtype)
-    where = torch.zeros(k, dtype=torch.long, device=x.device)
-    for start, end in _chunks(x.shape[0], k, max_elements):
-        scores = _scores(x[start:end], codes, code_sq, per_code=True)
-        if gumbel:
-            u = torch.rand(scores.shape, generator=generator, device=x.device, dtype=x.dtype)
-            scores -= torch.log(-torch.log(u.clamp_(min=1e-20)))
-        value, row = scores.max(1)
-        better = value > best
-        best = torch.where(better, value, best)
-        where = torch.where(better, row + start, where)
-    return best, where
+    """Index of the closest code for every row of ``x`` (N×d) in ``codebook`` (K×d): a long
+    tensor of length N."""
+    return search_and_anchor(x, codebook, distance, tile_elements=tile_elements).indices
