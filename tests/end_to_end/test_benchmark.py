@@ -56,7 +56,9 @@ def test_every_row_family_is_timed_and_written_as_json(tmp_path):
         assert math.isfinite(r["seconds"]) and r["seconds"] > 0, r
         assert math.isfinite(r["throughput"]) and r["throughput"] > 0, r
     whats = [r["what"] for r in rows]
-    assert any("chunked" in w for w in whats) and any("dense" in w for w in whats)
+    assert any("tiled" in w for w in whats) and any("dense" in w for w in whats)
+    targets = [r for r in rows if r["notes"].startswith("target <=")]  # the CPU cases
+    assert len(targets) == 4 and all(r["family"] == "quantizer" for r in targets)
     assert any("LDMPipeline" in w for w in whats) and any("ours" in w for w in whats)
     cache = [r for r in rows if r["family"] == "cache"]  # 2 sizes x 2 kinds x 1, 2 processes
     assert len(cache) == 8 and all("on opening" in r["notes"] for r in cache)
