@@ -264,6 +264,7 @@ def train_diffusion(
         decay=train.ema_decay,
         use_ema_warmup=True,
         power=train.ema_power,
+        foreach=True,  # one fused update over all parameters
         model_cls=type(accelerator.unwrap_model(unet)),
         model_config=accelerator.unwrap_model(unet).config,
     )

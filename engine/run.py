@@ -161,6 +161,8 @@ def start_accelerator(train: Any, output_dir: str | Path) -> Accelerator:
     train.mixed_precision = str(accelerator.mixed_precision)
     train.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
     check_precision(accelerator)
+    torch.backends.cuda.matmul.allow_tf32 = train.allow_tf32
+    torch.backends.cudnn.allow_tf32 = train.allow_tf32
     set_seed(train.seed)
     return accelerator
 
@@ -239,6 +241,8 @@ class RunConfig:
       config``); a value here wins over the launcher's, with a warning when they differ.
     gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% more
       time), as diffusers' ``enable_gradient_checkpointing``.
+    allow_tf32: TF32 matrix products and convolutions on Ampere and later GPUs (diffusers'
+      ``--allow_tf32``; the quantizer's search stays exact float32 either way).
     seed: seeds weights, data order and every random draw; a resumed run continues the stream.
     num_workers: DataLoader worker processes.
     report_to: the tracker, as in diffusers' examples: "tensorboard", "wandb", any other
@@ -265,6 +269,7 @@ class RunConfig:
     gradient_accumulation_steps: int | None = None
     mixed_precision: str | None = None
     gradient_checkpointing: bool = False
+    allow_tf32: bool = True
     seed: int = 0
     num_workers: int = 0
     report_to: str = "tensorboard"

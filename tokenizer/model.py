@@ -88,8 +88,9 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        # B×1×HW×C: the 4-D (batch, heads, tokens, channels) layout the fused kernels take
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=3)
+        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)
         return x + self.proj_out(out.transpose(1, 2).reshape(b, c, h, w))
 
 

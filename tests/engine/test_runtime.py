@@ -121,3 +121,16 @@ def test_keys_of_older_recipes_name_their_new_names():
             ["train.checkpoint_every=3"],
             TokenizerConfig,
         )
+
+
+def test_allow_tf32_sets_the_backends_flags(tmp_path, monkeypatch):
+    for key in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"):
+        monkeypatch.delenv(key, raising=False)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for flag in (False, True):
+            start_accelerator(train_section(report_to="none", allow_tf32=flag), tmp_path)
+            assert torch.backends.cuda.matmul.allow_tf32 is flag
+            assert torch.backends.cudnn.allow_tf32 is flag
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

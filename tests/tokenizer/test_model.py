@@ -136,3 +136,15 @@ def test_works_as_the_vqvae_of_diffusers_ldm_pipeline(tiny):
 def test_looc_channels_must_divide_embed_dim(tiny_tokenizer):
     with pytest.raises(ValueError, match=r"C=8.*d\*=3"):
         tiny_tokenizer(**TINY, quantizer="looc", quantizer_options={"num_codes": 8, "code_dim": 3})
+
+
+def test_attention_is_single_head_softmax_attention():
+    from tokenizer.model import AttnBlock
+
+    torch.manual_seed(0)
+    block = AttnBlock(8, 4).eval()
+    x = torch.randn(2, 8, 3, 5)
+    q, k, v = block.qkv(block.norm(x)).flatten(2).chunk(3, dim=1)  # B×C×HW each
+    weights = torch.softmax(q.transpose(1, 2) @ k / 8**0.5, dim=-1)  # B×HW×HW
+    expected = x + block.proj_out((v @ weights.transpose(1, 2)).reshape(2, 8, 3, 5))
+    torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)

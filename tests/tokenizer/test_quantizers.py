@@ -407,3 +407,12 @@ def test_build_quantizer_rejects_bad_input_with_clear_messages():
         build_quantizer("vq", num_codes=0)
     with pytest.raises(ValueError, match=r"code_dim=8"):
         build_quantizer("vq", code_dim=8)(torch.randn(1, 4, 2, 2))
+
+
+@pytest.mark.parametrize("name", ["vq", "cvq", "looc"])
+def test_counts_are_the_histogram_of_the_indices(name):
+    torch.manual_seed(0)
+    q = make(name)
+    out = q(torch.randn(2, 8, 4, 4))
+    expected = torch.bincount(out.indices.flatten(), minlength=q.num_codes)
+    assert out.counts.dtype == torch.long and torch.equal(out.counts, expected)

@@ -136,7 +136,9 @@ class Quantizer(nn.Module):
             codebook_loss = self._codebook_loss(rows, quantized)
             commitment_loss = F.mse_loss(rows, quantized.detach())
             loss = codebook_loss + self.beta * commitment_loss
-            counts = torch.bincount(flat_indices, minlength=self.num_codes)
+            # index_add_, not bincount: bincount waits for the host on CUDA to size its output
+            counts = torch.zeros(self.num_codes, dtype=torch.long, device=rows.device)
+            counts.index_add_(0, flat_indices, torch.ones_like(flat_indices))
             if self.training:
                 extra = self._update_codebook(rows.detach(), flat_indices, counts)
                 if extra is not None:

@@ -28,6 +28,7 @@ squared Euclidean distance for ``"l2"``. Callers pass float32 tensors.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +69,21 @@ def _gumbel(shape, generator, device) -> torch.Tensor:
     return -torch.log(-torch.log(u.clamp_(min=1e-20)))
 
 
+@contextmanager
+def _exact_float32(device: torch.device):
+    """Float32 products without TF32 on CUDA (``train.allow_tf32`` turns it on for the rest of
+    the model): TF32 would round the scores and pick other codes."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 @torch.no_grad()
 def search_and_anchor(
     x: torch.Tensor,
@@ -82,6 +98,11 @@ def search_and_anchor(
     rows (see the module docstring)."""
     if anchor not in ANCHORED:
         raise ValueError(f"anchor must be one of {ANCHORED}, got {anchor!r}")
+    with _exact_float32(x.device):
+        return _search(x, codebook, distance, anchor, generator, tile_elements)
+
+
+def _search(x, codebook, distance, anchor, generator, tile_elements) -> Search:
     rows, codes = _operands(x, codebook, distance)
     n, k, device = len(rows), codes.shape[1], x.device
     step = min(max(1, tile_elements // max(k, 1)), max(n, 1))
