@@ -19,7 +19,7 @@ import psutil
 import torch
 from safetensors.torch import load_file
 
-from tests.launch import ROOT
+from tests.launch import ROOT, two_processes
 
 
 def _child(main: Callable[[], None], argv: list[str], env: dict, log: str) -> None:
@@ -122,25 +122,7 @@ def assert_same_state(a: Path, b: Path) -> None:
 
 
 def launch_two(script: Path, args: list[str], port: int, log: Path) -> Launched:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        str(script),
-        *args,
-    ]
+    cmd, env = two_processes(script, args, port)
     # its own session: the launcher and both workers can be killed as one group
     return Launched(
         subprocess.Popen(
