@@ -133,14 +133,13 @@ def start_accelerator(train: Any, output_dir: str | Path) -> Accelerator:
     written back into ``train`` (so the saved config.yaml says what ran). Trackers:
     ``train.report_to`` with logs under OUTPUT_DIR/logs. The precision is checked against the
     device and every random generator seeded with ``train.seed``."""
-    launcher = {key: os.environ.get(env) for key, (env, _) in LAUNCHER.items()}
-    for key, (_, flag) in LAUNCHER.items():
-        recipe = getattr(train, key)
-        if recipe is not None and launcher[key] is not None and str(recipe) != launcher[key]:
-            warnings.warn(
+    overridden = []
+    for key, (env, flag) in LAUNCHER.items():
+        recipe, launcher = getattr(train, key), os.environ.get(env)
+        if recipe is not None and launcher is not None and str(recipe) != launcher:
+            overridden.append(
                 f"train.{key}={recipe} from the recipe overrides the launcher's {flag} "
-                f"{launcher[key]} (drop the key from the recipe to let the launcher decide)",
-                stacklevel=2,
+                f"{launcher} (drop the key from the recipe to let the launcher decide)"
             )
     accumulation = train.gradient_accumulation_steps
     plugin = None if accumulation is None else GradientAccumulationPlugin(num_steps=accumulation)
@@ -158,6 +157,9 @@ def start_accelerator(train: Any, output_dir: str | Path) -> Accelerator:
             f"train.report_to={train.report_to}: that tracker's package is not installed "
             f"(pip install {train.report_to}), or choose one of {list(REPORT_TO)}"
         )
+    if accelerator.is_main_process:  # once, not once per process
+        for message in overridden:
+            warnings.warn(message, stacklevel=2)
     train.mixed_precision = str(accelerator.mixed_precision)
     train.gradient_accumulation_steps = accelerator.gradient_accumulation_steps
     check_precision(accelerator)
