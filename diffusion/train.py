@@ -300,9 +300,10 @@ def train_diffusion(
             with accelerator.accumulate(unet):
                 prediction = unet(noisy, t, class_labels=labels).sample
                 loss = F.mse_loss(prediction.float(), noise.float())
-                if not run.finite(loss):
-                    break
                 accelerator.backward(loss)
+                if not run.finite(loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    break
                 if train.max_grad_norm is not None and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(unet.parameters(), train.max_grad_norm)
                 optimizer.step()
@@ -314,7 +315,7 @@ def train_diffusion(
         if run.due(train.log_every):
             run.log(
                 {
-                    "loss": loss.item(),
+                    "loss": loss.detach(),
                     "lr": lr_schedule.get_last_lr()[0],
                     "ema_decay": ema.cur_decay_value or 0.0,
                 },

@@ -296,7 +296,12 @@ def _transform(config: DataConfig, train: bool, tensors: bool) -> Callable:
 class ImageDataset(Dataset):
     """One part of a source; items are ``{"pixel_values": C×R×R float32 in [-1, 1], "label":
     int64 scalar}``. ``indices`` (a sorted int64 array) are the part's items in the source;
-    ``skipped`` names the unreadable images found while decoding (in this process)."""
+    ``skipped`` names the unreadable images found while decoding (in this process). An item is
+    asked for by index (augmented from the global RNG) or as an (index, seed) pair (augmented
+    from ``seed``, the global RNG untouched), which ``seeded_items`` tells the training loader
+    (:class:`engine.run.EpochBatches`) to do."""
+
+    seeded_items = True
 
     def __init__(
         self, reader: _Reader, indices: np.ndarray, transform: Callable, channels: int, strict: bool
@@ -309,7 +314,8 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        i, seed = item if isinstance(item, tuple) else (item, None)
         for k in range(len(self.indices)):  # an undecodable image is replaced by the next one
             j = int(self.indices[(i + k) % len(self.indices)])
             if j in self._bad:
@@ -331,10 +337,17 @@ class ImageDataset(Dataset):
                 self.skipped.append(name)
                 continue
             return {
-                "pixel_values": self.transform(image),
+                "pixel_values": self._augment(image, seed),
                 "label": torch.tensor(label, dtype=torch.long),
             }
         raise RuntimeError("no readable image left in this dataset")
+
+    def _augment(self, image: Any, seed: int | None) -> torch.Tensor:
+        if seed is None:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image)
 
 
 class _Reader:

@@ -22,10 +22,12 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
     return accelerator.reduce(t, reduction="max").item() > 0
 
 
-def mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict:
-    """Each value averaged over the processes (one collective)."""
+def mean_over_processes(accelerator: Accelerator, values: dict[str, float | torch.Tensor]) -> dict:
+    """Each value (a number or a 0-d tensor) averaged over the processes: one collective and
+    one read from the device."""
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], device=accelerator.device, dtype=torch.float64)
+    device, double = accelerator.device, torch.float64
+    t = torch.stack([torch.as_tensor(values[k]).to(device, double).reshape(()) for k in keys])
     t = accelerator.reduce(t, reduction="mean")
     return dict(zip(keys, t.tolist()))
 

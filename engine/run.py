@@ -6,14 +6,20 @@ trainer's loop reads top to bottom::
     batches = run.batches(dataset)         # seeded, resumed exactly where the run stopped
     for step in run.steps():               # 0, 1, ...: the steps done so far
         for _ in range(accumulation):
-            loss = ...
-            if not run.finite(loss):       # every process skips the step together
-                break
-            accelerator.backward(loss); optimizer.step()
+            with accelerator.accumulate(model):
+                loss = ...
+                accelerator.backward(loss)
+                if not run.finite(loss):   # every process skips the step together
+                    optimizer.zero_grad()
+                    break
+                optimizer.step(); optimizer.zero_grad()
         if run.skipped:
             continue
         if run.due(config.train.log_every):
-            run.log({"loss": loss.item()})
+            run.log({"loss": loss.detach()})  # read from the device at logging steps only
+
+Outside logging, validation and checkpoint steps a step waits for the device once and makes
+one collective of its own (:meth:`Run.finite`: the non-finite and SIGTERM flags together).
 
 Also here: the seeded, resumable batch order, the precision check and what the scripts report
 in one line.
@@ -36,6 +42,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import (
+    DistributedDataParallelKwargs,
     GradientAccumulationPlugin,
     LoggerType,
     ProjectConfiguration,
@@ -54,8 +61,59 @@ from .checkpoints import (
 )
 from .config import ConfigError, check_types, require, to_mapping
 from .data import UnreadableImageError
-from .distributed import any_process, mean_over_processes
+from .distributed import mean_over_processes
 from .streaming import ImageStream, stream_batches
+
+
+class EpochBatches:
+    """The batch sampler of :func:`seeded_batches`: each iteration yields this process's
+    micro-batches of the next epoch (the first one from ``start_step`` on), lists of indices, or
+    of (index, augmentation seed) pairs for a dataset whose class sets ``seeded_items``, so that
+    an item's augmentation depends on (seed, epoch, position) only, not on the worker or process
+    that loads it. An epoch is claimed when its first batch is drawn: a DataLoader's first
+    iterator calls ``iter`` twice and uses the second."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        accumulation: int,
+        seed: int,
+        accelerator: Accelerator,
+        start_step: int = 0,
+    ) -> None:
+        self.length, self.batch_size, self.seed = len(dataset), batch_size, seed
+        self.seeded = bool(getattr(dataset, "seeded_items", False))
+        self.processes, self.rank = accelerator.num_processes, accelerator.process_index
+        self.per_step = batch_size * self.processes
+        self.per_epoch = self.length // self.per_step
+        if self.per_epoch == 0:
+            raise ConfigError(
+                f"train.batch_size={batch_size} × {self.processes} "
+                f"processes is larger than the {self.length} training items"
+            )
+        self.epoch, self.skip = divmod(start_step * accumulation, self.per_epoch)
+
+    def __iter__(self) -> Iterator[list]:
+        epoch, skip = self.epoch, self.skip
+        self.epoch, self.skip = epoch + 1, 0
+        # a private generator: drawing the order must not consume the global RNG stream
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        used = self.per_epoch * self.per_step
+        columns = [torch.randperm(self.length, generator=generator)[:used]]
+        if self.seeded:  # one seed per position of the order, drawn after it
+            columns.append(torch.randint(2**62, (used,), generator=generator))
+        # each process takes every N-th sample of a global batch; batches are made as the loader
+        # asks for them: no Python list of the epoch's indices
+        mine = [
+            c.view(self.per_epoch, self.per_step)[skip:, self.rank :: self.processes].reshape(
+                -1, self.batch_size
+            )
+            for c in columns
+        ]
+        for rows in zip(*mine):
+            indices = rows[0].tolist()
+            yield list(zip(indices, rows[1].tolist())) if self.seeded else indices
 
 
 def seeded_batches(
@@ -67,34 +125,22 @@ def seeded_batches(
     accelerator: Accelerator,
     start_step: int = 0,
 ):
-    """Endless per-process micro-batches in a seeded per-epoch order (each process takes every
-    N-th sample of a global batch); starting at ``start_step`` skips exactly the micro-batches
-    already consumed, without loading them, so a resumed run sees the same data."""
-    per_step = batch_size * accelerator.num_processes
-    per_epoch = len(dataset) // per_step
-    if per_epoch == 0:
-        raise ConfigError(
-            f"train.batch_size={batch_size} × {accelerator.num_processes} "
-            f"processes is larger than the {len(dataset)} training items"
-        )
-    epoch, skip = divmod(start_step * accumulation, per_epoch)
+    """Endless per-process micro-batches in a seeded per-epoch order (:class:`EpochBatches`),
+    from one DataLoader whose workers persist across epochs; starting at ``start_step`` skips
+    exactly the micro-batches already consumed, without loading them, so a resumed run sees the
+    same data."""
+    sampler = EpochBatches(dataset, batch_size, accumulation, seed, accelerator, start_step)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        # a private generator: the workers' seeds must not consume the global RNG stream
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=accelerator.device.type == "cuda",
+    )
     while True:
-        # a private generator: creating a loader must not consume the global RNG stream
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(len(dataset), generator=generator)[: per_epoch * per_step]
-        mine = order.view(per_epoch, per_step)[
-            skip:, accelerator.process_index :: accelerator.num_processes
-        ]
-        # batches are made as the loader asks for them: no Python list of the epoch's indices
-        loader = DataLoader(
-            dataset,
-            batch_sampler=(b.tolist() for b in mine.reshape(-1, batch_size)),
-            num_workers=num_workers,
-            generator=generator,
-            pin_memory=accelerator.device.type == "cuda",
-        )
-        yield from loader
-        epoch, skip = epoch + 1, 0
+        yield from loader  # one epoch per pass
 
 
 def check_precision(accelerator: Accelerator) -> None:
@@ -132,7 +178,7 @@ def start_accelerator(train: Any, output_dir: str | Path) -> Accelerator:
     disagree, the recipe wins with a one-line warning naming both. The values in effect are
     written back into ``train`` (so the saved config.yaml says what ran). Trackers:
     ``train.report_to`` with logs under OUTPUT_DIR/logs. The precision is checked against the
-    device and every random generator seeded with ``train.seed``."""
+    device and every random generator seeded with ``train.seed`` plus the process index."""
     overridden = []
     for key, (env, flag) in LAUNCHER.items():
         recipe, launcher = getattr(train, key), os.environ.get(env)
@@ -148,6 +194,10 @@ def start_accelerator(train: Any, output_dir: str | Path) -> Accelerator:
         mixed_precision=train.mixed_precision,  # None: the launcher's, else "no"
         gradient_accumulation_plugin=plugin,  # None: the launcher's, else 1
         log_with=report_to,
+        # no buffer broadcast before every forward (a collective each): the code that changes
+        # buffers keeps them equal (the quantizers' synchronised update, ActNorm's all-reduced
+        # initialisation); the trainers broadcast what stays per-process (BatchNorm statistics)
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(Path(output_dir) / "logs")
         ),
@@ -165,7 +215,9 @@ def start_accelerator(train: Any, output_dir: str | Path) -> Accelerator:
     check_precision(accelerator)
     torch.backends.cuda.matmul.allow_tf32 = train.allow_tf32
     torch.backends.cudnn.allow_tf32 = train.allow_tf32
-    set_seed(train.seed)
+    # each process its own random stream (diffusion noise, CVQ anchor draws, label dropout);
+    # weights start equal anyway, ``prepare`` broadcasts process 0's
+    set_seed(train.seed, device_specific=True)
     return accelerator
 
 
@@ -206,19 +258,16 @@ class NonFiniteGuard:
 
 
 class StopRequest:
-    """Pre-emption: SIGTERM sets a flag (the handler does nothing else, so a checkpoint being
-    written is finished); ``requested()`` is true on every process once any process got it, so
-    all stop at the same step and save one checkpoint together."""
+    """Pre-emption: SIGTERM sets ``flag`` (the handler does nothing else, so a checkpoint being
+    written is finished). :class:`Run` shares it with the other processes in the step's one
+    reduction, so all stop after the same step and save one checkpoint together."""
 
-    def __init__(self, accelerator: Accelerator):
-        self.accelerator, self.flag = accelerator, False
+    def __init__(self):
+        self.flag = False
         self.previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.flag = True
-
-    def requested(self) -> bool:
-        return any_process(self.accelerator, self.flag)  # a collective: each step
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self.previous)
@@ -359,6 +408,9 @@ class Run:
         self.output_dir = Path(output_dir)
         self.states = {"progress": self, **states}
         self.step, self.skipped, self.best = 0, False, None
+        self.stop: StopRequest | None = None  # set while :meth:`steps` runs
+        self.nonfinite: torch.Tensor | None = None  # this step's losses so far, on the device
+        self.agreed = self.stopping = False  # this step's reduction done; SIGTERM seen
         self.guard = NonFiniteGuard(config.train.max_nonfinite_steps, self.output_dir, accelerator)
         start = resolve_resume(resume, self.output_dir)
         self.resumed = start is not None
@@ -401,10 +453,10 @@ class Run:
 
     def steps(self) -> Iterator[int]:
         """Yield the number of steps done so far until ``max_steps`` are done. A step that the
-        body marked non-finite (:meth:`finite`) is taken again; a finished step is counted
-        and checkpointed when due. Before each step every process learns whether any got
-        SIGTERM: then all save a checkpoint together and :class:`Preempted` is raised."""
-        stop, saved = StopRequest(self.accelerator), None
+        body found non-finite (:meth:`finite`) is taken again; a finished step is counted and
+        checkpointed when due. When any process got SIGTERM, all learn it from the step's
+        reduction, save a checkpoint together after that step and raise :class:`Preempted`."""
+        self.stop, saved = StopRequest(), None
         self.bar = tqdm(
             total=self.max_steps,
             initial=self.step,
@@ -413,43 +465,70 @@ class Run:
         )
         try:
             while self.step < self.max_steps:
-                if stop.requested():
+                self.skipped, self.agreed, self.nonfinite = False, False, None
+                yield self.step
+                if not self.agreed:  # a body that never asked: the stop flag still goes round
+                    self._agree()
+                if self.guard.update(not self.skipped, self.step):
+                    self.step += 1
+                    self.bar.update(1)
+                    if (
+                        self.step % self.train.checkpointing_steps == 0
+                        or self.step == self.max_steps
+                    ):
+                        self.save()
+                        saved = self.step
+                if self.stopping and self.step < self.max_steps:
                     where = None if saved == self.step else self.save()
                     raise Preempted(
                         f"stopped by SIGTERM at step {self.step}"
                         + (f"; checkpoint saved in {where}" if where else "")
                         + "; continue with --resume_from_checkpoint latest"
                     )
-                self.skipped = False
-                yield self.step
-                if not self.guard.update(not self.skipped, self.step):
-                    continue
-                self.step += 1
-                self.bar.update(1)
-                if self.step % self.train.checkpointing_steps == 0 or self.step == self.max_steps:
-                    self.save()
-                    saved = self.step
         except Preempted:
             self.accelerator.end_training()  # flush the logs
             raise
         finally:
-            stop.close()
+            self.stop.close()
             self.bar.close()
 
-    def finite(self, loss: torch.Tensor) -> bool:
-        """Whether ``loss`` is finite on every process; if not, the step is skipped everywhere
-        (all must agree, or the collectives of the next step would deadlock)."""
-        self.skipped = any_process(self.accelerator, not torch.isfinite(loss.detach()).all())
+    def finite(self, *losses: torch.Tensor) -> bool:
+        """Call after ``backward`` in every micro-batch, before the optimizer steps: whether the
+        step may be taken. Before the last micro-batch of a step it only notes (on the device)
+        whether ``losses`` are finite and says True (the optimizer does not step then); at the
+        last it makes the step's one reduction, and so its one wait for the device: False, on
+        every process, when any process saw a non-finite loss in this step. Then the step is
+        skipped everywhere (zero the gradients; all must agree, or the collectives of the next
+        step would deadlock)."""
+        for loss in losses:
+            bad = ~torch.isfinite(loss.detach()).all()
+            self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+        if not self.accelerator.sync_gradients:
+            return True
+        self._agree()
         return not self.skipped
+
+    def _agree(self) -> None:
+        """The step's reduction: whether any process saw a non-finite loss or got SIGTERM."""
+        flags = torch.zeros(2, device=self.accelerator.device)
+        if self.nonfinite is not None:
+            flags[0] = self.nonfinite
+        flags[1] = float(self.stop.flag)  # a host number: filled in, not copied
+        nonfinite, stop = self.accelerator.reduce(flags, reduction="sum").tolist()
+        self.skipped, self.stopping, self.agreed = nonfinite > 0, stop > 0, True
+        self.nonfinite = None
 
     def due(self, every: int) -> bool:
         """Whether the step being taken ends at a multiple of ``every`` or is the last one."""
         done = self.step + 1
         return done % every == 0 or done == self.max_steps
 
-    def log(self, values: dict[str, float], show: tuple[str, ...] = ()) -> dict[str, float]:
-        """Log ``values`` averaged over the processes at the step being taken; ``show`` names
-        those written beside the progress bar. Returns the averages."""
+    def log(
+        self, values: dict[str, float | torch.Tensor], show: tuple[str, ...] = ()
+    ) -> dict[str, float]:
+        """Log ``values`` (numbers or 0-d tensors, read from the device here, once) averaged
+        over the processes at the step being taken; ``show`` names those written beside the
+        progress bar. Returns the averages."""
         values = mean_over_processes(self.accelerator, values)
         self.accelerator.log(values, step=self.step + 1)
         shown = {k: f"{values[k]:.3g}" for k in show if k in values}

@@ -19,11 +19,15 @@ from torch import Tensor
 from engine.config import check_types, from_mapping, require
 from engine.weights import cached_weights
 
+from .quantizers.distributed import all_reduce_sum
+
 
 class ActNorm(nn.Module):
     """Per-channel affine ``scale * (x + loc)`` (Glow, Kingma & Dhariwal 2018), initialised from
-    the first training batch so every output channel has zero mean and unit std. The
-    ``initialized`` flag is a buffer, so a loaded state_dict is never re-initialised."""
+    the first training batch so every output channel has zero mean and unit std (over the
+    batches of all processes, so every replica starts from the same weights). The
+    ``initialized`` flag is a buffer, so a loaded state_dict is never re-initialised; it is read
+    from the device once and then known on the host (no wait for the device per step)."""
 
     def __init__(self, num_features: int, eps: float = 1e-6):
         super().__init__()
@@ -31,17 +35,29 @@ class ActNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(1, num_features, 1, 1))
         self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
         self.eps = eps
+        self._known: bool | None = None  # the flag on the host; None: read it from the buffer
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
-        flat = x.transpose(0, 1).reshape(x.shape[1], -1)
-        self.loc.copy_(-flat.mean(1).view_as(self.loc))
-        self.scale.copy_((1.0 / (flat.std(1) + self.eps)).view_as(self.scale))
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1).float()
+        n = all_reduce_sum(flat.new_tensor(flat.shape[1]))
+        mean = all_reduce_sum(flat.sum(1)) / n
+        variance = all_reduce_sum((flat - mean[:, None]).pow(2).sum(1)) / (n - 1).clamp(min=1)
+        self.loc.copy_(-mean.view_as(self.loc))
+        self.scale.copy_((1.0 / (variance.sqrt() + self.eps)).view_as(self.scale))
         self.initialized.fill_(1)
+        self._known = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and not bool(self.initialized):
-            self._initialize(x)
+        if self.training:
+            if self._known is None:
+                self._known = bool(self.initialized)
+            if not self._known:
+                self._initialize(x)
         return self.scale * (x + self.loc)
 
 
@@ -235,9 +251,10 @@ class VQGANLoss(nn.Module):
         quantizer_loss: Tensor,
         last_layer: Tensor,
         step: int,
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
         """nll + λ·factor·(−E[D(x̂)]) + codebook_weight·quantizer_loss; images in [−1, 1].
-        λ (Eq. 7) falls back to 0 when it cannot be differentiated (no_grad / evaluation)."""
+        λ (Eq. 7) falls back to 0 when it cannot be differentiated (no_grad / evaluation).
+        The logged terms are detached 0-d float32 tensors (read them at logging steps)."""
         cfg, diff = self.config, inputs - reconstructions
         pixel = diff.abs() if cfg.pixel_loss == "l1" else diff.pow(2)
         rec = cfg.pixel_weight * pixel
@@ -266,14 +283,13 @@ class VQGANLoss(nn.Module):
             "d_weight": d_weight,
             "quantizer": quantizer_loss,
         }
-        values = torch.stack(
-            [torch.as_tensor(v).detach().float().reshape(()).to(nll.device) for v in logs.values()]
-        ).tolist()  # one device sync
-        return total, {**dict(zip(logs, values)), "disc_factor": float(factor)}
+        # logged values stay on the device: reading them waits for it, done at logging steps only
+        logs = {k: torch.as_tensor(v).detach().float().reshape(()) for k, v in logs.items()}
+        return total, {**logs, "disc_factor": float(factor)}
 
     def discriminator_loss(
         self, inputs: Tensor, reconstructions: Tensor, step: int
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Tensor | float]]:
         """factor·d_loss(D(x), D(x̂)) on detached images. Before ``disc_start`` (see
         ``disc_active``) D is not run and a constant zero (requires_grad False) comes back:
         the trainer must skip backward/step then."""
@@ -282,5 +298,5 @@ class VQGANLoss(nn.Module):
         real = self.discriminator(inputs.detach().contiguous())
         fake = self.discriminator(reconstructions.detach().contiguous())
         d_loss = self.config.disc_factor * self.d_loss_fn(real, fake)
-        values = torch.stack([d_loss, real.mean(), fake.mean()]).detach().float().tolist()
+        values = [v.detach().float() for v in (d_loss, real.mean(), fake.mean())]
         return d_loss, dict(zip(_D_LOGS, values + [float(self.config.disc_factor)]))

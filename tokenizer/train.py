@@ -167,16 +167,17 @@ def train_tokenizer(
     batches = run.batches(train_set)
     for step in run.steps():
         for _ in range(train.gradient_accumulation_steps):
-            x = next(batches)["pixel_values"].to(accelerator.device)
+            x = next(batches)["pixel_values"].to(accelerator.device, non_blocking=True)
             with accelerator.accumulate(*trained):
                 out = model(x)
                 with accelerator.autocast():
                     g_loss, logs = loss_fn.generator_loss(
                         x, out.sample, out.quantized.loss, unwrapped.last_layer, step
                     )
-                if not run.finite(g_loss):
-                    break
                 accelerator.backward(g_loss)
+                if not run.finite(g_loss):
+                    opt_g.zero_grad(set_to_none=True)
+                    break
                 if train.max_grad_norm is not None and accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), train.max_grad_norm)
                 opt_g.step()
@@ -220,14 +221,14 @@ def train_tokenizer(
     return last
 
 
-def usage_and_perplexity(accelerator, counts: torch.Tensor) -> dict[str, float]:
+def usage_and_perplexity(accelerator, counts: torch.Tensor) -> dict[str, torch.Tensor]:
     """Codebook usage (fraction of codes hit) and perplexity of the code counts summed over the
-    processes."""
+    processes, as 0-d tensors on the device."""
     counts = accelerator.reduce(counts.float(), reduction="sum")
     p = counts / counts.sum()
     return {
-        "usage": (counts > 0).float().mean().item(),
-        "perplexity": torch.exp(-(p * p.clamp(min=1e-10).log()).sum()).item(),
+        "usage": (counts > 0).float().mean(),
+        "perplexity": torch.exp(-(p * p.clamp(min=1e-10).log()).sum()),
     }
 
 
@@ -248,7 +249,7 @@ def validate(accelerator, model, loss_fn, dataset, held_out, batch_size) -> dict
             out = model(x)
             _, logs = loss_fn.generator_loss(x, out.sample, out.quantized.loss, None, step=-1)
         error = (out.sample.float().clamp(-1, 1) - x).div(2).pow(2)  # on [0, 1] pixels
-        sums += torch.tensor([logs["nll"] * len(x), error.sum(), len(x)], device=sums.device)
+        sums += torch.stack([logs["nll"] * len(x), error.sum(), sums.new_tensor(len(x))]).to(sums)
         pixels = error[0].numel()
         c = out.quantized.counts.float()
         counts = c if counts is None else counts + c
@@ -262,8 +263,8 @@ def validate(accelerator, model, loss_fn, dataset, held_out, batch_size) -> dict
     return {
         "validation/nll": (sums[0] / n).item(),
         "validation/psnr": (-10 * torch.log10(sums[1] / (n * pixels))).item(),
-        "validation/usage": code["usage"],
-        "validation/perplexity": code["perplexity"],
+        "validation/usage": code["usage"].item(),
+        "validation/perplexity": code["perplexity"].item(),
     }
 
 

@@ -120,6 +120,10 @@ class Quantizer(nn.Module):
         """Non-gradient codebook update after a training step; may return an extra loss."""
         return None
 
+    def _straight_through(self, z: torch.Tensor, z_hat: torch.Tensor) -> torch.Tensor:
+        """``z_q`` from the input and the assembled codes: value ``z_hat``, gradient to ``z``."""
+        return straight_through(z, z_hat)
+
     # --- public API ---------------------------------------------------------------------------
     def search(self, rows: torch.Tensor) -> torch.Tensor:
         return nearest_code(
@@ -145,7 +149,7 @@ class Quantizer(nn.Module):
                     loss = loss + extra
             indices = flat_indices.view(self._index_shape(zf))
             z_hat = self._assemble(quantized, indices)
-            z_q = straight_through(zf, z_hat).to(in_dtype)
+            z_q = self._straight_through(zf, z_hat).to(in_dtype)
         return QuantizerOutput(
             z_q=z_q,
             loss=loss,

@@ -7,12 +7,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .core import Quantizer, _check
-from .distributed import all_reduce_sum, pick_best_across_processes, rank
+from .distributed import all_reduce_sum, sum_counts_and_pick_anchors
 from .search import search_and_anchor
 
-ANCHORS = ("random", "unique", "closest", "probabilistic")
+ANCHORS = ("random", "unique", "closest", "probabilistic", "none")
 
 
 class ClusteredQuantizer(Quantizer):
@@ -30,7 +31,9 @@ class ClusteredQuantizer(Quantizer):
         "random"        a uniformly random feature (with replacement);
         "unique"        distinct features (first K of a random permutation);
         "closest"       the feature closest to e_k;
-        "probabilistic" feature i with probability softmax_i(−D_ik).
+        "probabilistic" feature i with probability softmax_i(−D_ik);
+        "none"          no anchor update at all (the usage N_k is still tracked): LooC's
+                        Tab. 7 ablation, plain VQ with this class's options.
         With several processes each draws candidates from its own features and the same winner
         is chosen everywhere (for "random"/"unique" uniformly, for "closest" the closest over all
         processes, for "probabilistic" an exact Gumbel-max sample over all features).
@@ -41,10 +44,22 @@ class ClusteredQuantizer(Quantizer):
       contrastive_weight: weight of the contrastive loss (Tab. 3 E; 0 = off, the official code
         uses 1): for each code, positive = mean similarity of its N/K closest features,
         negatives = its farthest half of the features, cross-entropy at temperature
-        ``contrastive_temperature`` (0.07). Needs the full N×K similarity matrix.
+        ``contrastive_temperature`` (0.07). Computed for a chunk of codes at a time (at most
+        ``max_search_elements`` similarities, or one column of N), recomputed in the backward
+        pass, so the N×K similarity matrix is never held.
 
     State (saved in the state dict, so a resumed run continues exactly): ``usage`` (N_k) and
-    ``initialised`` (the offline variant's flag).
+    ``initialised`` (the offline variant's flag, read from the device once, then known on the
+    host).
+
+    Randomness: anchors are drawn from torch's global RNG, so ``torch.manual_seed`` makes a
+    run reproducible and a checkpoint of the RNG states resumes it. With several processes
+    each must seed differently (``accelerate.utils.set_seed(seed, device_specific=True)``, as
+    the trainers do), so that their candidates are independent draws.
+
+    Communication: one collective per training step (the counts and every process's anchor
+    candidates, gathered together; only the counts after the offline re-initialisation or with
+    ``anchor="none"``).
     """
 
     def __init__(
@@ -80,82 +95,102 @@ class ClusteredQuantizer(Quantizer):
         self.contrastive_temperature = contrastive_temperature
         self.register_buffer("usage", torch.zeros(num_codes))
         self.register_buffer("initialised", torch.tensor(False))
+        self._known: bool | None = None  # ``initialised`` on the host; None: read the buffer
+
+    def _initialised(self) -> bool:
+        if self._known is None:
+            self._known = bool(self.initialised)
+        return self._known
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known = None
 
     # --- anchors ------------------------------------------------------------------------------
-    def _generator(self, device: torch.device) -> torch.Generator:
-        """A generator seeded from the global RNG (so runs are reproducible and resumable) and
-        offset by the process rank (so processes draw different candidates)."""
-        seed = int(torch.randint(0, 2**62, (1,)))
-        return torch.Generator(device=device).manual_seed(seed + 1_000_003 * rank())
-
     def search(self, rows: torch.Tensor) -> torch.Tensor:
         """The nearest codes; in a training step that updates the codebook with "closest" or
         "probabilistic" anchors, the anchor candidates come from the same pass over the scores
-        (:func:`~.search.search_and_anchor`) and are kept for ``_anchors``."""
+        (:func:`~.search.search_and_anchor`) and are kept for ``_candidates``."""
         anchored = self.training and self.anchor in ("closest", "probabilistic")
-        if not (anchored and (self.online or not bool(self.initialised))):
+        if not (anchored and (self.online or not self._initialised())):
             return super().search(rows)
         self._found = search_and_anchor(
             rows,
             self.codebook.detach().float(),
             self.distance,
             anchor=self.anchor,
-            generator=self._generator(rows.device),
             tile_elements=self.max_search_elements,
         )
         return self._found.indices
 
-    def _anchors(self, rows: torch.Tensor) -> torch.Tensor:
+    def _candidates(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's anchor candidate for every code (K×d) and its score (K): the
+        highest score over all processes wins."""
         n, k = rows.shape[0], self.num_codes
         if self.anchor in ("closest", "probabilistic"):
             found, self._found = self._found, None
             score, where = found.anchor_score, found.anchor_row
         else:
-            gen = self._generator(rows.device)
             if self.anchor == "random":
-                where = torch.randint(0, n, (k,), generator=gen, device=rows.device)
+                where = torch.randint(0, n, (k,), device=rows.device)
             else:  # unique; with fewer features than codes, repeats are unavoidable
-                perms = [
-                    torch.randperm(n, generator=gen, device=rows.device)
-                    for _ in range(math.ceil(k / n))
-                ]
+                perms = [torch.randperm(n, device=rows.device) for _ in range(math.ceil(k / n))]
                 where = torch.cat(perms)[:k]
-            score = torch.rand(k, generator=gen, device=rows.device)
-        return pick_best_across_processes(score, rows[where])
+            score = torch.rand(k, device=rows.device)
+        return score, rows[where]
 
     # --- contrastive loss ---------------------------------------------------------------------
     def _contrastive_loss(self, rows: torch.Tensor) -> torch.Tensor | None:
-        n = rows.shape[0]
+        n, k = rows.shape[0], self.num_codes
         if self.contrastive_weight == 0 or n < 2:
             return None
         # clone: the in-place codebook update below must not touch a tensor saved for backward
         codes = self.codebook.clone().float()
+        chunk = max(1, self.max_search_elements // n)
+        total = sum(
+            checkpoint(
+                self._contrastive_terms,
+                rows,
+                codes[start : start + chunk],
+                n // k,
+                use_reentrant=False,
+            )
+            if chunk < k
+            else self._contrastive_terms(rows, codes, n // k)
+            for start in range(0, k, chunk)
+        )
+        return self.contrastive_weight * total / k
+
+    def _contrastive_terms(self, rows, codes, positives: int) -> torch.Tensor:
+        """The summed cross-entropy of ``codes`` (a chunk): its N×chunk similarities only."""
         if self.distance == "cosine":
             sim = F.normalize(rows, dim=1) @ F.normalize(codes, dim=1).t()
         else:
             sim = -torch.cdist(rows, codes).pow(2)
-        positive = sim.topk(max(1, n // self.num_codes), dim=0).values.mean(0, keepdim=True)
-        negatives = sim.topk(n // 2, dim=0, largest=False).values
+        positive = sim.topk(max(1, positives), dim=0).values.mean(0, keepdim=True)
+        negatives = sim.topk(len(rows) // 2, dim=0, largest=False).values
         logits = torch.cat([positive, negatives]).t() / self.contrastive_temperature
-        target = torch.zeros(self.num_codes, dtype=torch.long, device=rows.device)
-        return self.contrastive_weight * F.cross_entropy(logits, target)
+        target = torch.zeros(len(codes), dtype=torch.long, device=rows.device)
+        return F.cross_entropy(logits, target, reduction="sum")
 
     # --- the update ---------------------------------------------------------------------------
     @torch.no_grad()
     def _update_usage(self, counts: torch.Tensor) -> None:
-        counts = all_reduce_sum(counts.float())
+        """Eq. 4 with the counts summed over the processes."""
         self.usage.mul_(self.decay).add_(counts / counts.sum().clamp(min=1), alpha=1 - self.decay)
 
     def _update_codebook(self, rows, indices, counts):
         extra = self._contrastive_loss(rows)
-        self._update_usage(counts)
-        if self.online or not bool(self.initialised):
-            with torch.no_grad():
-                alpha = torch.exp(
-                    -self.usage * self.num_codes * 10 / (1 - self.decay) - self.epsilon
-                )
-                self.codebook.lerp_(self._anchors(rows), alpha.unsqueeze(1))
-                self.initialised.fill_(True)
+        with torch.no_grad():
+            if self.anchor == "none" or not (self.online or not self._initialised()):
+                self._update_usage(all_reduce_sum(counts.float()))
+                return extra
+            counts, anchors = sum_counts_and_pick_anchors(counts.float(), *self._candidates(rows))
+            self._update_usage(counts)
+            alpha = torch.exp(-self.usage * self.num_codes * 10 / (1 - self.decay) - self.epsilon)
+            self.codebook.lerp_(anchors, alpha.unsqueeze(1))
+            self.initialised.fill_(True)
+            self._known = True
         return extra
 
     def extra_repr(self) -> str:

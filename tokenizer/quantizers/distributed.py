@@ -29,17 +29,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def pick_best_across_processes(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Every process proposes, for each of K codes, a candidate row (K×d) with a score (K).
-    Returns, identically on every process, the candidate with the highest score over all
-    processes (ties go to the lowest rank)."""
+def sum_counts_and_pick_anchors(
+    counts: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every process has its code counts (K), and for each code an anchor candidate row (K×d)
+    with a score (K). Returns, identically on every process and in one collective, the counts
+    summed over the processes and the candidates with the highest score over all processes
+    (ties go to the lowest rank)."""
     n = world_size()
     if n == 1:
-        return rows
-    all_scores = [torch.empty_like(scores) for _ in range(n)]
-    all_rows = [torch.empty_like(rows) for _ in range(n)]
-    dist.all_gather(all_scores, scores.contiguous())
-    dist.all_gather(all_rows, rows.contiguous())
-    winner = torch.stack(all_scores).argmax(0)  # K
-    stacked = torch.stack(all_rows)  # P×K×d
-    return stacked[winner, torch.arange(rows.shape[0], device=rows.device)]
+        return counts, rows
+    # float64 holds the counts and the float32 scores and rows exactly
+    packed = torch.cat([counts[:, None], scores[:, None], rows], 1).double()
+    every = [torch.empty_like(packed) for _ in range(n)]
+    dist.all_gather(every, packed)
+    stacked = torch.stack(every)  # P×K×(d+2)
+    winner = stacked[:, :, 1].argmax(0)  # K
+    best = stacked[winner, torch.arange(len(rows), device=rows.device), 2:]
+    return stacked[:, :, 0].sum(0).to(counts.dtype), best.to(rows.dtype)
