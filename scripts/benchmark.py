@@ -1,10 +1,11 @@
-"""Speed and memory of the hot paths, as one Markdown table: quantizer forward+backward, tokenizer
-and UNet training steps, sampling, Inception feature extraction, the latent cache (resident
-memory and latents/s by cache size and process count) and the data path (listing a folder,
-encoding a latent cache).
+"""Speed and memory of the hot paths, as one Markdown table: quantizer forward+backward (and its
+ratio to the machine's arithmetic limit), what a training step waits for (device reads and
+collectives per step, on two processes), tokenizer and UNet training steps, sampling, Inception
+feature extraction, the latent cache (resident memory and latents/s by cache size and process
+count) and the data path (listing a folder, encoding a latent cache).
 
     python scripts/benchmark.py [--size tiny|real] [--device cuda] [--json rows.json]
-        [--only quantizer,tokenizer,unet,sampling,inception,cache,data]
+        [--only quantizer,waits,tokenizer,unet,sampling,inception,cache,data]
         [--inception-weights PATH | --random-inception] [--tokenizer-config YAML]
 
 --size defaults to "real" (the papers' settings) on CUDA and "tiny" (smoke sizes) on CPU. Times
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("quantizer", "tokenizer", "unet", "sampling", "inception", "cache", "data")
+FAMILIES = ("quantizer", "waits", "tokenizer", "unet", "sampling", "inception", "cache", "data")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -80,6 +81,23 @@ def skipped(family, what, setting, notes) -> dict:
         "peak_bytes": None,
         "notes": notes,
     }
+
+
+def matmul_rate(device: torch.device) -> float:
+    """The machine's float32 matrix-product rate (FLOP/s): a 1024³ product, median of 5."""
+    a, b = (torch.randn(1024, 1024, device=device) for _ in range(2))
+    seconds, _ = measure(lambda: a @ b, device, 5, 1)
+    return 2 * 1024**3 / seconds
+
+
+def arithmetic_limit(seconds: float, n: int, k: int, d: int, rate: float) -> str:
+    """The search's N×K×d products against the machine's rate: the time no search can beat."""
+    flops = 2 * n * k * d
+    limit = flops / rate
+    return (
+        f"search {flops / 1e9:.2f} GFLOP: {limit * 1000:.0f} ms at {rate / 1e9:.0f} GFLOP/s, "
+        f"{seconds / limit:.1f}x the limit"
+    )
 
 
 # ------------------------------------------------------------------------------------ rows
@@ -135,7 +153,7 @@ def bench_quantizer(args, device) -> list[dict]:
 
         return measure(step, device, args.steps, args.warmup)
 
-    rows = []
+    rows, rate = [], matmul_rate(device)
     n_looc = b * (side * 2) ** 2 * (looc_c // 4)  # beta=2 up-sampling, d*=4 segments
     # tiny sizes fit one default tile: search in 8 tiles there so the tiled path runs
     tiled = DEFAULT_TILE_ELEMENTS if real else n_looc * k // 8
@@ -159,9 +177,12 @@ def bench_quantizer(args, device) -> list[dict]:
                 peak,
                 n_looc,
                 "vectors/s",
-                f"N={n_looc:,}, {chunks} tiles of <= {max_elements // k:,} rows"
-                if chunks > 1
-                else f"N={n_looc:,}",
+                (
+                    f"N={n_looc:,}, {chunks} tiles of <= {max_elements // k:,} rows"
+                    if chunks > 1
+                    else f"N={n_looc:,}"
+                )
+                + f"; {arithmetic_limit(seconds, n_looc, k, 4, rate)}",
             )
         )
     if device.type == "cpu":  # the performance issue's CPU cases, with their targets
@@ -172,7 +193,9 @@ def bench_quantizer(args, device) -> list[dict]:
             n = math.prod(shape) // options["code_dim"] * options.get("interp_scale", 1) ** 2
             setting = ", ".join(f"{key}={value}" for key, value in options.items())
             setting += f", {'x'.join(map(str, shape))}"
-            rows.append(row("quantizer", what, setting, seconds, peak, n, "vectors/s", target))
+            k, d = options["num_codes"], options["code_dim"]
+            notes = f"{target}; {arithmetic_limit(seconds, n, k, d, rate)}"
+            rows.append(row("quantizer", what, setting, seconds, peak, n, "vectors/s", notes))
     q = build_quantizer("cvq", num_codes=k, code_dim=cvq_d).to(device).train()
     z = torch.randn(b, cvq_d, side, side, device=device, requires_grad=True)
     seconds, peak = time_quantizer(q, z)
@@ -218,6 +241,66 @@ def bench_quantizer(args, device) -> list[dict]:
     return rows + [
         row("quantizer", what, setting, seconds, peak, n_looc, "vectors/s", f"N={n_looc:,}")
     ]
+
+
+def bench_waits(args, device) -> list[dict]:
+    """Device reads and collectives per training step (scripts/count_waits.py) on two CPU
+    processes: the digits LooC tokenizer in bf16 with 2 micro-batches per step and the
+    discriminator on, then the class-conditional UNet on its latents. The counts do not depend
+    on the device; the middle steps are shown (not the first, nor the last, which logs)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no", "--main_process_port", "29655"]
+    common = ["--steps", "4", "train.batch_size=4", "train.mixed_precision=bf16"]
+    common += ["train.gradient_accumulation_steps=2", "data.validation_size=8"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        stages = {
+            "tokenizer": ["--config", "configs/tokenizer/digits_looc.yaml", "loss.disc_start=0"],
+            "diffusion": [
+                "--config",
+                "configs/diffusion/digits_cond.yaml",
+                "--tokenizer",
+                f"{tmp}/tokenizer/tokenizer",
+            ],
+        }
+        for stage, extra in stages.items():
+            out = f"{tmp}/{stage}"
+            command = [*launch, "scripts/count_waits.py", stage, "--output_dir", out]
+            start = time.perf_counter()
+            done = subprocess.run(
+                [*command, *common, *extra], cwd=ROOT, env=env, capture_output=True, text=True
+            )
+            seconds = time.perf_counter() - start
+            setting = f"{extra[1]}, 2 processes, bf16, 2 micro-batches per step"
+            if done.returncode != 0:
+                rows.append(skipped("waits", f"{stage} step", setting, "failed: see stderr"))
+                print(done.stderr[-2000:], file=sys.stderr)
+                continue
+            middle = json.loads(Path(out, "waits-1.json").read_text())[1:-1]
+            host = "torch/optim/optimizer.py:_get_value"  # Adam's step counters, on the host
+            reads = max(sum(n for p, n in r["reads"].items() if host not in p) for r in middle)
+            collectives = max(sum(r["collectives"].values()) for r in middle)
+            places = sorted({p.split(" → ")[0] for r in middle for p in r["collectives"]})
+            rows.append(
+                row(
+                    "waits",
+                    f"{stage} step: device reads / collectives (time: the whole counted run)",
+                    setting,
+                    seconds,
+                    None,
+                    len(middle) + 2,
+                    "steps/s (counted, whole run)",
+                    f"{reads} read(s), {collectives} collective(s) per step ({', '.join(places)})",
+                )
+            )
+    return rows
 
 
 def tokenizer_step_time(
@@ -696,6 +779,7 @@ def bench_data(args, device) -> list[dict]:
 
 BENCHMARKS = {
     "quantizer": bench_quantizer,
+    "waits": bench_waits,
     "tokenizer": bench_tokenizer,
     "unet": bench_unet,
     "sampling": bench_sampling,

@@ -12,7 +12,7 @@ from tests.launch import ROOT
 
 pytestmark = pytest.mark.slow  # subprocesses, two processes: minutes
 
-FAMILIES = ("quantizer", "tokenizer", "unet", "sampling", "inception", "cache", "data")
+FAMILIES = ("quantizer", "waits", "tokenizer", "unet", "sampling", "inception", "cache", "data")
 
 
 def benchmark(*args, tmp_path):
@@ -26,7 +26,7 @@ def benchmark(*args, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         env=env,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -59,6 +59,12 @@ def test_every_row_family_is_timed_and_written_as_json(tmp_path):
     assert any("tiled" in w for w in whats) and any("dense" in w for w in whats)
     targets = [r for r in rows if r["notes"].startswith("target <=")]  # the CPU cases
     assert len(targets) == 4 and all(r["family"] == "quantizer" for r in targets)
+    assert all("x the limit" in r["notes"] for r in targets)  # the ratio to the arithmetic
+    waits = [r for r in rows if r["family"] == "waits"]  # counted on two processes
+    assert [r["notes"].split(" (")[0] for r in waits] == [
+        "1 read(s), 3 collective(s) per step",  # run flags + the codebook's, per micro-batch
+        "1 read(s), 1 collective(s) per step",
+    ]
     assert any("LDMPipeline" in w for w in whats) and any("ours" in w for w in whats)
     cache = [r for r in rows if r["family"] == "cache"]  # 2 sizes x 2 kinds x 1, 2 processes
     assert len(cache) == 8 and all("on opening" in r["notes"] for r in cache)

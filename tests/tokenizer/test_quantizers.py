@@ -374,6 +374,19 @@ def test_tiled_search_and_closest_anchors_equal_the_dense_reference(distance, n,
         assert torch.equal(nearest_code(x, codebook, distance, tile_elements), sim.argmax(1))
 
 
+def test_two_level_argmax_is_argmax_with_ties_and_nan():
+    from tokenizer.quantizers.search import BLOCK, _argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(6, 8 * BLOCK, generator=g).round(decimals=1)  # many equal scores
+    s[0, [5, 3 * BLOCK + 1]] = 9.0  # the same maximum in two blocks: the first wins
+    s[1, [BLOCK + 7, BLOCK + 2]] = 9.0  # twice in one block
+    s[2, [2 * BLOCK, 7 * BLOCK + 31]] = float("nan")  # argmax takes the first NaN
+    s[3] = 1.0  # all equal
+    assert torch.equal(_argmax_rows(s), s.argmax(1))
+    assert _argmax_rows(s)[:3].tolist() == [5, BLOCK + 2, 2 * BLOCK]
+
+
 @pytest.mark.parametrize("tile_elements", [20000, 10**9], ids=["a row per tile", "one tile"])
 def test_probabilistic_anchor_samples_the_softmax(tile_elements):
     from tokenizer.quantizers import search_and_anchor

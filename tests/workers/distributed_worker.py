@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from engine.distributed import any_process
+from tokenizer.losses import ActNorm
 from tokenizer.quantizers import build_quantizer
 
 SETTINGS = {
@@ -27,6 +28,15 @@ SETTINGS = {
         dict(num_codes=32, code_dim=8, online=False, contrastive_weight=1.0),
     ),
     "looc": ("looc", dict(num_codes=16, code_dim=4)),
+    "looc-official": (  # the official code's segment layout and straight-through
+        "looc",
+        dict(num_codes=16, code_dim=4, segment_layout="unshuffle", straight_through="interpolated"),
+    ),
+    "looc-no-update": ("looc", dict(num_codes=16, code_dim=4, anchor="none")),
+    "cvq-contrastive-chunked": (  # the contrastive loss a code at a time
+        "cvq",
+        dict(num_codes=32, code_dim=8, contrastive_weight=1.0, max_search_elements=64),
+    ),
     "vq-ema": ("vq", dict(num_codes=32, code_dim=8, ema=True)),
 }
 
@@ -47,7 +57,7 @@ def main(out_path: str) -> None:
     accelerator = Accelerator()
     report = {"world_size": accelerator.num_processes}
     for name, (kind, options) in SETTINGS.items():
-        set_seed(0)  # same initial weights and global RNG stream on both ranks
+        set_seed(0, device_specific=True)  # as the trainers: own draws, weights from rank 0
         model = Tiny(build_quantizer(kind, **options))
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -71,6 +81,11 @@ def main(out_path: str) -> None:
             "state_size": state.numel(),
             "local_counts_differ": not torch.equal(counts[0], counts[1]),
         }
+    # ActNorm's data-dependent initialisation: from both processes' batches, the same everywhere
+    norm = ActNorm(3).train()
+    norm(torch.randn(4, 3, 8, 8) * (1 + accelerator.process_index) + accelerator.process_index)
+    params = accelerator.gather(torch.cat([norm.loc.flatten(), norm.scale.flatten()])[None])
+    report["actnorm_difference"] = (params[0] - params[1]).abs().max().item()
     # a non-finite loss on one process must make every process skip the step
     mine = torch.tensor(float("nan") if accelerator.process_index == 1 else 1.0)
     report["skip_agreed"] = any_process(accelerator, not torch.isfinite(mine))

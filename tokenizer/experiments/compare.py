@@ -50,6 +50,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def vqvae_loss(
+    recon: torch.Tensor, images: torch.Tensor, quantizer_loss: torch.Tensor, variance
+) -> torch.Tensor:
+    """The papers' VQ-VAE objective: MSE(recon, images) / ``variance`` + quantizer loss."""
+    return F.mse_loss(recon, images) / variance + quantizer_loss
+
+
 def train(
     model: SmallVQVAE,
     images: torch.Tensor,
@@ -58,20 +65,22 @@ def train(
     lr: float,
     every: int = 0,
     callback: Callable[[int], None] | None = None,
+    variance: float | torch.Tensor | None = None,
 ) -> float:
     """``steps`` Adam steps on random batches of ``images`` (drawn with the global CPU RNG, so
-    the batches do not depend on the device) with the papers' VQ-VAE objective,
-    MSE / data variance + quantizer loss. Calls ``callback(step)`` every ``every`` steps (its
-    time is not counted). Returns the training seconds."""
+    the batches do not depend on the device) with :func:`vqvae_loss`, the MSE divided by
+    ``variance`` (default: the variance of ``images``, on the MSE's own scale). Calls
+    ``callback(step)`` every ``every`` steps (its time is not counted). Returns the training
+    seconds."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    variance = images.var()
+    variance = images.var() if variance is None else variance
     seconds = 0.0
     model.train()
     for step in range(1, steps + 1):
         start = time.perf_counter()
         batch = images[torch.randint(0, len(images), (batch_size,)).to(images.device)]
         recon, q = model(batch)
-        loss = F.mse_loss(recon, batch) / variance + q.loss
+        loss = vqvae_loss(recon, batch, q.loss, variance)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -87,19 +96,23 @@ def train(
 def evaluate(
     model: SmallVQVAE, images: torch.Tensor, chunk: int = 250
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Codebook usage and perplexity over all of ``images``, and mean PSNR / SSIM / L1 (on
-    [0, 1] pixels). Returns the metrics and the reconstructions (on the CPU)."""
+    """In eval mode: codebook usage and perplexity of the code counts accumulated over all of
+    ``images`` (as the official test.py), the MSE of the unclamped output (the official
+    validation loss, here on [0, 1] pixels), and mean PSNR / SSIM / L1 (on [0, 1] pixels).
+    Returns the metrics and the reconstructions (on the CPU)."""
     model.eval()
     meter = CodebookUsage(model.quantizer.num_codes)
-    recons = []
+    recons, squared = [], 0.0
     for part in images.split(chunk):
         recon, q = model(part)
         meter.update(q.counts)
+        squared += F.mse_loss(recon.float(), part.float(), reduction="sum").item() / 4
         recons.append(recon.clamp(-1, 1).float().cpu())
     recon, target = torch.cat(recons), images.float().cpu()
     scores = {
         "usage": meter.usage,
         "perplexity": meter.perplexity,
+        "mse": squared / max(1, images.numel()),
         "psnr": sum(
             psnr(r, t) * len(r) for r, t in zip(recon.split(chunk), target.split(chunk))
         ).item()

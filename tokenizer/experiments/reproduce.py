@@ -1,9 +1,11 @@
 """Reproductions of the papers' small-image tokenizer tables on the MNIST test set: the main table
 (CVQ-VAE Tab. 1 / LooC Tab. 1: VQ, CVQ, LooC under identical settings), LooC Tab. 3 (d* at
 K = 256) and CVQ-VAE Tab. 4c (anchor sampling, online and offline). Every row trains the same
-small VQ-VAE (hidden 128, Adam 3e-4, loss MSE / data variance + quantizer loss, no GAN, no
-perceptual loss) with the same seed through ``tokenizer.experiments.compare.train``, and is
-scored on the validation part; the papers' numbers are printed beside ours."""
+small VQ-VAE with the official recipe (hidden 128, Adam 3e-4, loss MSE / variance of the [0, 1]
+training pixels + quantizer loss, no GAN, no perceptual loss) with the same seed through
+``tokenizer.experiments.compare.train``, validates once per epoch and is scored on the validation
+part at the checkpoint with the lowest validation MSE (as the official code's best.pt); the
+papers' numbers are printed beside ours."""
 
 from __future__ import annotations
 
@@ -14,36 +16,52 @@ from pathlib import Path
 
 import torch
 
+from ..quantizers.looc import SEGMENT_LAYOUTS, STRAIGHT_THROUGH
 from .compare import build_model, evaluate, train
 from .mnist import load_mnist_idx
 
 MNIST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-HIDDEN, EMBED_DIM = 128, 128  # the papers' VQ-VAE: 128 hidden channels, codes of dimension 128
+HIDDEN, EMBED_DIM = 128, 128  # the papers' VQ-VAE: 128 hidden channels, LooC's d = 128
 
 VQ = ("vq", dict(num_codes=1024, code_dim=128, distance="l2"))  # VQ-VAE: l2, no re-init
 
 
-def _cvq(anchor: str = "closest", online: bool = True):
-    # cosine distance, no contrastive loss: CVQ-VAE Tab. 3 rows D (online) and C (offline)
-    return ("cvq", dict(num_codes=1024, code_dim=128, anchor=anchor, online=online))
+def _cvq(k: int = 1024, d: int = 128, anchor: str = "closest", online=True, contrastive=0.0):
+    # cosine distance (the official default); the CVQ-VAE README's MNIST command: 512x64, closest
+    options = dict(num_codes=k, code_dim=d, anchor=anchor, online=online)
+    return ("cvq", {**options, "contrastive_weight": contrastive})
 
 
-def _looc(k: int, d: int):
-    return ("looc", dict(num_codes=k, code_dim=d, interp_scale=2))  # beta = 2 (LooC Sec. 3.2)
+def _looc(k: int, d: int, layout="unshuffle", straight_through="interpolated", anchor="closest"):
+    # beta = 2 (LooC Sec. 3.2), cosine; the official code: unshuffle + interpolated, closest
+    options = dict(num_codes=k, code_dim=d, interp_scale=2, anchor=anchor)
+    return ("looc", {**options, "segment_layout": layout, "straight_through": straight_through})
 
 
+NO_UPDATE = "LooC 256x4 (unshuffle, interpolated, no CVQ update)"
 # table → {row name → (kind, options)}
 TABLES = {
     "main": {
         "VQ 1024x128": VQ,
-        "CVQ 1024x128 (online)": _cvq(),
-        "CVQ 1024x128 (offline)": _cvq(online=False),
-        "LooC 256x4": _looc(256, 4),
-        "LooC 32x4": _looc(32, 4),
+        **{
+            f"CVQ {k}x{d} ({label})": _cvq(k, d, anchor, contrastive=weight)
+            for k, d in ((512, 64), (1024, 128))
+            for label, anchor, weight in (
+                ("closest", "closest", 0.0),
+                ("probabilistic, contrastive 1", "probabilistic", 1.0),  # Tab. 3 E, weight 1
+            )
+        },
+        **{
+            f"LooC {k}x4 ({layout}, {st})": _looc(k, 4, layout, st)
+            for k in (256, 32)
+            for layout in SEGMENT_LAYOUTS
+            for st in STRAIGHT_THROUGH
+        },
+        NO_UPDATE: _looc(256, 4, anchor="none"),  # LooC Tab. 7
     },
     "looc_dstar": {f"LooC 256x{d}": _looc(256, d) for d in (4, 8, 16, 32, 64)},
     "cvq_anchors": {
-        f"CVQ {anchor} ({mode})": _cvq(anchor, mode == "online")
+        f"CVQ {anchor} ({mode})": _cvq(anchor=anchor, online=mode == "online")
         for mode in ("online", "offline")
         for anchor in ("random", "unique", "closest", "probabilistic")
     },
@@ -52,6 +70,7 @@ TABLE_CHOICES = (*TABLES, "all")
 
 # The papers' MNIST numbers (validation set): row name → (source, {metric: value}).
 _VQ_PAPER = dict(l1=0.0207, lpips=0.0282, rfid=3.43, ssim=0.9777, psnr=26.48)
+_CVQ_PAPER = dict(l1=0.0180, lpips=0.0222, rfid=1.80, ssim=0.9833, psnr=27.87)
 _LOOC_TAB3 = {
     4: (0.0062, 0.0058, 1.31, 0.9976, 37.58),
     8: (0.0068, 0.0064, 1.40, 0.9972, 36.79),
@@ -59,32 +78,46 @@ _LOOC_TAB3 = {
     32: (0.0118, 0.0125, 2.19, 0.9928, 32.05),
     64: (0.0138, 0.0157, 2.51, 0.9903, 30.58),
 }  # l1, LPIPS, rFID, SSIM, PSNR
+_LOOC_32_PAPER = ("LooC Tab. 1", dict(l1=0.0082, lpips=0.0083, rfid=1.70, ssim=0.9961, psnr=35.15))
 _ANCHOR_RFID = {
     "online": dict(random=2.27, unique=2.24, probabilistic=2.23, closest=2.59),
     "offline": dict(random=3.20, unique=2.84, probabilistic=2.78, closest=2.51),
 }
+_TAB3 = {  # Tab. 3 rows D (online) and C (offline): Tab. 4c's probabilistic rows (same rFID)
+    "online": ("D", dict(ssim=0.9823, lpips=0.0236, rfid=2.23)),
+    "offline": ("C", dict(ssim=0.9810, lpips=0.0253, rfid=2.78)),
+}
+
+
+def _looc_tab3(d: int) -> dict:
+    return dict(zip(("l1", "lpips", "rfid", "ssim", "psnr"), _LOOC_TAB3[d]))
+
+
 PAPERS = {
     "VQ 1024x128": ("CVQ-VAE Tab. 1 / LooC Tab. 1", _VQ_PAPER),
-    "CVQ 1024x128 (online)": ("CVQ-VAE Tab. 3 D", dict(ssim=0.9823, lpips=0.0236, rfid=2.23)),
-    "CVQ 1024x128 (offline)": ("CVQ-VAE Tab. 3 C", dict(ssim=0.9810, lpips=0.0253, rfid=2.78)),
-    "LooC 256x4": (
-        "LooC Tab. 1 / Tab. 3",
-        dict(zip(("l1", "lpips", "rfid", "ssim", "psnr"), _LOOC_TAB3[4])),
-    ),
-    "LooC 32x4": ("LooC Tab. 1", dict(l1=0.0082, lpips=0.0083, rfid=1.70, ssim=0.9961, psnr=35.15)),
+    "CVQ 1024x128 (closest)": ("CVQ-VAE Tab. 4c online", dict(rfid=2.59)),
+    "CVQ 1024x128 (probabilistic, contrastive 1)": ("CVQ-VAE Tab. 1 / LooC Tab. 8", _CVQ_PAPER),
     **{
-        f"LooC 256x{d}": ("LooC Tab. 3", dict(zip(("l1", "lpips", "rfid", "ssim", "psnr"), v)))
-        for d, v in _LOOC_TAB3.items()
-        if d != 4
+        f"LooC {k}x4 ({layout}, {st})": paper
+        for k, paper in ((256, ("LooC Tab. 1 / Tab. 3", _looc_tab3(4))), (32, _LOOC_32_PAPER))
+        for layout in SEGMENT_LAYOUTS
+        for st in STRAIGHT_THROUGH
     },
+    NO_UPDATE: ("LooC Tab. 7 (FFHQ, usage only)", dict(usage=1.0)),
+    **{f"LooC 256x{d}": ("LooC Tab. 3", _looc_tab3(d)) for d in _LOOC_TAB3},
     **{
         f"CVQ {a} ({mode})": ("CVQ-VAE Tab. 4c", dict(rfid=v))
         for mode, by_anchor in _ANCHOR_RFID.items()
         for a, v in by_anchor.items()
     },
+    **{
+        f"CVQ probabilistic ({mode})": (f"CVQ-VAE Tab. 4c / Tab. 3 {row}", paper)
+        for mode, (row, paper) in _TAB3.items()
+    },
 }
 
-# The official code on an H100, same setting, 1,800 steps, scored on the same validation part.
+# The official code (the CVQ-VAE repository's small VQ-VAE, Adam 3e-4, MSE / variance of the
+# [0, 1] training images) on the same 9,000 / 1,000 split, scored on the validation part.
 OFFICIAL = [
     ("VQ (l2, no re-init) 1024x128", "1.1%", "7.8", "19.44", "0.8058", "0.0447", "21 s"),
     (
@@ -98,28 +131,60 @@ OFFICIAL = [
     ),
     ("LooC 256x4, beta=2", "100.0%", "116.5", "24.98", "0.9351", "0.0218", "294 s"),
 ]
+OFFICIAL_CPU = [
+    ("VQ (l2, no re-init) 1024x128", "0.5%", "3.8", "17.31", "0.6642", "0.0660", "1,080 s"),
+    (
+        "CVQ (cosine, closest anchors) 1024x128",
+        "19.5%",
+        "11.6",
+        "18.59",
+        "0.7137",
+        "0.0566",
+        "1,323 s",
+    ),
+    (
+        "LooC 256x4, beta=2 (cosine, closest anchors)",
+        "100.0%",
+        "52.6",
+        "20.03",
+        "0.7621",
+        "0.0466",
+        "2,459 s",
+    ),
+]
+REFERENCES = [
+    ("official code, H100, 1,800 steps × batch 1,024", OFFICIAL),
+    ("official code, this 2-core CPU (one thread), 400 steps × batch 128", OFFICIAL_CPU),
+]
 
 COLUMNS = [
     ("usage", "usage"),
+    ("final_usage", "final usage"),
     ("perplexity", "perplexity"),
     ("psnr", "PSNR (dB)"),
     ("ssim", "SSIM"),
     ("l1", "L1"),
     ("lpips", "LPIPS"),
     ("rfid", "rFID"),
+    ("best_step", "best step"),
     ("seconds", "train time"),
 ]
 
 
 @dataclass
 class RunConfig:
-    steps: int = 1800
+    # the official recipe (CVQ-VAE main.py / README): 500 epochs of the 9,000 training images at
+    # batch 1,024, 4.5 M images ≈ 4,400 full batches (its loader: 9 per epoch, the last of 808)
+    steps: int = 4400
     batch_size: int = 1024
     lr: float = 3e-4
-    seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0])
     device: str = "cpu"
-    curve_points: int = 20
+    val_every: int = 0  # validate every n steps (0: once per epoch, as the official main.py)
     val_images: int = 0  # score only the first n validation images (0: all 1,000)
+
+    def validation_interval(self, train_images: int) -> int:
+        return self.val_every or max(1, math.ceil(train_images / self.batch_size))
 
 
 @dataclass
@@ -130,6 +195,8 @@ class Row:
     options: dict
     metrics: dict[str, float | None]
     curve: list[tuple[int, float]] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    spread: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric → (min, max)
 
 
 def select_tables(table: str) -> list[str]:
@@ -142,6 +209,14 @@ def load_mnist(directory: str | Path) -> dict[str, torch.Tensor]:
     """The MNIST test set: first 9,000 images train, last 1,000 validate."""
     directory = Path(directory)
     return load_mnist_idx(directory / MNIST_FILES[0], directory / MNIST_FILES[1], validation=1000)
+
+
+def official_variance(images: torch.Tensor) -> torch.Tensor:
+    """The divisor of the reconstruction MSE in the official code (CVQ-VAE main.py:
+    ``np.var(train_dataset.data / 255.0)``): the variance of the training pixels on [0, 1],
+    while the MSE is taken on the [-1, 1] tensors (``Normalize(0.5, 0.5)``) as here. So the term
+    is 4 × MSE_[0,1] / var_[0,1]: 4× the weight of dividing by the variance of ``images``."""
+    return ((images + 1) / 2).var(unbiased=False)
 
 
 # --- optional metrics: each needs pretrained weights and is skipped without them ----------------
@@ -191,25 +266,38 @@ def optional_metrics(device: torch.device, enabled: bool = True):
 
 # --- running ------------------------------------------------------------------------------------
 def run_row(
-    table: str, name: str, data: dict[str, torch.Tensor], config: RunConfig, scorers: dict
+    table: str,
+    name: str,
+    data: dict[str, torch.Tensor],
+    config: RunConfig,
+    scorers: dict,
+    seed: int = 0,
 ) -> Row:
-    """Train one row from the same seed and score it on the validation part; the usage curve
-    holds the validation usage at ``curve_points`` evenly spaced steps (and step 0)."""
+    """Train one row from ``seed`` and validate at step 0, every ``config.val_every`` steps and
+    at the end (each validation: evaluation mode, over the whole validation part). Reports the
+    metrics of the checkpoint with the lowest validation MSE (the official main.py keeps it as
+    best.pt and test.py scores it), at the step ``best_step``, and ``final_usage``, the usage of
+    the last step's weights; the usage curve holds every validation."""
     kind, options = TABLES[table][name]
     device = torch.device(config.device)
-    torch.manual_seed(config.seed)
-    model = build_model(kind, options, in_channels=1, hidden=HIDDEN, embed_dim=EMBED_DIM)
+    torch.manual_seed(seed)
+    embed_dim = EMBED_DIM if kind == "looc" else options["code_dim"]
+    model = build_model(kind, options, in_channels=1, hidden=HIDDEN, embed_dim=embed_dim)
     model.to(device)
     target = data["val"][: config.val_images or None]
     train_images, val = data["train"].to(device), target.to(device)
-    curve = []
+    curve, best = [], {}
 
-    def record(step: int) -> None:
-        if step < config.steps:  # the last point is the final evaluation below
-            curve.append((step, evaluate(model, val)[0]["usage"]))
+    def validate(step: int) -> dict:
+        scores, recon = evaluate(model, val)
+        curve.append((step, scores["usage"]))
+        # step 0 (the untrained model) only counts when it is also the last one
+        if (step or not config.steps) and ("mse" not in best or scores["mse"] < best["mse"]):
+            best.update(scores, best_step=step, recon=recon)
+        return scores
 
-    record(0)
-    every = max(1, config.steps // max(1, config.curve_points))
+    validate(0)
+    every = config.validation_interval(len(train_images))
     seconds = train(
         model,
         train_images,
@@ -217,14 +305,46 @@ def run_row(
         config.batch_size,
         config.lr,
         every=every,
-        callback=record,
+        callback=lambda step: step < config.steps and validate(step),
+        variance=official_variance(data["train"]),
     )
-    metrics, recon = evaluate(model, val)
-    curve.append((config.steps, metrics["usage"]))
+    final = validate(config.steps) if config.steps else best
+    recon = best.pop("recon")
+    metrics = {**best, "final_usage": final["usage"], "seconds": seconds}
     for metric, score in scorers.items():
         metrics[metric] = score(recon, target.cpu())
-    metrics["seconds"] = seconds
-    return Row(table, name, kind, options, metrics, curve)
+    return Row(table, name, kind, options, metrics, curve, [seed])
+
+
+def aggregate(rows: list[Row]) -> list[Row]:
+    """One row per (table, name) over its seeds: the mean of each metric (None if any run lacks
+    it), its (min, max) in ``spread`` and the mean usage curve. One seed: the rows as they are."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.table, r.name), []).append(r)
+    out = []
+    for runs in groups.values():
+        if len(runs) == 1:
+            out.append(runs[0])
+            continue
+        metrics, spread = {}, {}
+        for metric in runs[0].metrics:
+            values = [r.metrics.get(metric) for r in runs]
+            if any(v is None for v in values):
+                metrics[metric] = None
+                continue
+            metrics[metric] = sum(values) / len(values)
+            spread[metric] = (min(values), max(values))
+        curve = [
+            (points[0][0], sum(u for _, u in points) / len(points))
+            for points in zip(*(r.curve for r in runs))
+        ]
+        seeds = [s for r in runs for s in r.seeds]
+        first = runs[0]
+        out.append(
+            Row(first.table, first.name, first.kind, first.options, metrics, curve, seeds, spread)
+        )
+    return out
 
 
 def run_tables(
@@ -235,37 +355,49 @@ def run_tables(
     log=print,
     rows: dict[str, list[str]] | None = None,
 ) -> list[Row]:
-    """Every row of ``tables`` (or only ``rows[table]`` when given), in order."""
+    """Every row of ``tables`` (or only ``rows[table]`` when given), in order, once per seed of
+    ``config.seeds``: one Row per run (see :func:`aggregate`)."""
     results = []
     for table in tables:
         for name in (rows or {}).get(table, TABLES[table]):
-            row = run_row(table, name, data, config, scorers)
-            m = row.metrics
-            log(
-                f"  [{table}] {name}: usage {100 * m['usage']:.1f}%, perplexity "
-                f"{m['perplexity']:.1f}, PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, "
-                f"L1 {m['l1']:.4f} ({m['seconds']:.0f} s)"
-            )
-            results.append(row)
+            for seed in config.seeds:
+                row = run_row(table, name, data, config, scorers, seed)
+                m = row.metrics
+                log(
+                    f"  [{table}] {name}, seed {seed}: usage {100 * m['usage']:.1f}% "
+                    f"(final {100 * m['final_usage']:.1f}%), perplexity {m['perplexity']:.1f}, "
+                    f"PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, L1 {m['l1']:.4f} at step "
+                    f"{m['best_step']} ({m['seconds']:.0f} s)"
+                )
+                results.append(row)
     return results
 
 
 # --- output -------------------------------------------------------------------------------------
-def _cell(metric: str, value, skipped: dict[str, str]) -> str:
-    if value is None:
-        return "skipped" if metric in skipped else "–"
-    if metric == "usage":
+def _value(metric: str, value) -> str:
+    if metric in ("usage", "final_usage"):
         return f"{100 * value:.1f}%"
     if metric == "seconds":
         return f"{value:.0f} s"
+    if metric == "best_step":
+        return f"{value:.0f}"
     return {"perplexity": f"{value:.1f}", "psnr": f"{value:.2f}", "rfid": f"{value:.2f}"}.get(
         metric, f"{value:.4f}"
     )
 
 
+def _cell(metric: str, value, skipped: dict[str, str], spread=None) -> str:
+    if value is None:
+        return "skipped" if metric in skipped else "–"
+    if spread is None:
+        return _value(metric, value)
+    return f"{_value(metric, value)} ({_value(metric, spread[0])}–{_value(metric, spread[1])})"
+
+
 def format_tables(rows: list[Row], config: RunConfig, skipped: dict[str, str]) -> str:
-    """Markdown: one table per reproduced table, each of our rows followed by the paper's row
-    (where the paper has one), then the official-code reference block and the skip notes."""
+    """Markdown: one table per reproduced table, each of our rows (the mean and min–max over
+    the seeds when there are several) followed by the paper's row (where the paper has one),
+    then the official-code reference blocks and the skip notes."""
     titles = {
         "main": "Main table (CVQ-VAE Tab. 1 / LooC Tab. 1, MNIST)",
         "looc_dstar": "LooC Tab. 3: d* at K = 256 (beta = 2)",
@@ -273,33 +405,51 @@ def format_tables(rows: list[Row], config: RunConfig, skipped: dict[str, str]) -
     }
     head = "| row | source | " + " | ".join(t for _, t in COLUMNS) + " |"
     rule = "|" + "---|" * (len(COLUMNS) + 2)
+    seeds = " ".join(map(str, config.seeds))
     out = [
-        f"Setting: MNIST test set (first 9,000 train, last 1,000 validate), hidden "
-        f"{HIDDEN}, Adam {config.lr:g}, batch {config.batch_size}, {config.steps} steps, "
-        f"seed {config.seed}, device {config.device}; metrics on the "
+        f"Setting: MNIST test set (first 9,000 train, last 1,000 validate), hidden {HIDDEN}, "
+        f"Adam {config.lr:g}, batch {config.batch_size}, {config.steps} steps, loss MSE / "
+        f"variance of the [0, 1] training pixels + quantizer loss (the official main.py), "
+        + (f"seed {seeds}" if len(config.seeds) == 1 else f"seeds {seeds} (mean (min–max))")
+        + f", device {config.device}. Validation every "
+        + f"{config.validation_interval(9000)} steps"
+        + ("" if config.val_every else " (one epoch)")
+        + " on the "
         + (
-            f"first {config.val_images} validation images (--quick)."
+            f"first {config.val_images} validation images (--quick)"
             if config.val_images
-            else "1,000 validation images."
+            else "1,000 validation images"
         )
+        + ", in eval mode; every metric is that of the checkpoint with the lowest validation "
+        "MSE (at 'best step'), usage counted over the whole validation part (the official "
+        "test.py); 'final usage': the last step's weights. Cosine distance unless l2; CVQ / "
+        "LooC: closest anchors unless stated, online; LooC: beta = 2, (segment layout, "
+        "straight-through), the official code's pair 'unshuffle, interpolated'."
     ]
     for table in dict.fromkeys(r.table for r in rows):
         out += ["", f"### {titles[table]}", "", head, rule]
-        for r in (r for r in rows if r.table == table):
-            cells = [_cell(m, r.metrics.get(m), skipped) for m, _ in COLUMNS]
+        for r in (r for r in aggregate(rows) if r.table == table):
+            cells = [_cell(m, r.metrics.get(m), skipped, r.spread.get(m)) for m, _ in COLUMNS]
             out.append(f"| {r.name} | ours | " + " | ".join(cells) + " |")
             if r.name in PAPERS:
                 source, paper = PAPERS[r.name]
                 cells = [_cell(m, paper.get(m), {}) for m, _ in COLUMNS]
                 out.append(f"| {r.name} | {source} | " + " | ".join(cells) + " |")
+    for title, reference in REFERENCES:
+        out += [
+            "",
+            f"### Reference: {title}, validation part",
+            "",
+            "| official quantizer | usage | perplexity | PSNR (dB) | SSIM | L1 | train time |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        out += ["| " + " | ".join(r) + " |" for r in reference]
     out += [
         "",
-        "### Reference: official code, H100, same setting, 1,800 steps, validation part",
-        "",
-        "| official quantizer | usage | perplexity | PSNR (dB) | SSIM | L1 | train time |",
-        "|---|---|---|---|---|---|---|",
+        "(Official code: the CVQ-VAE repository's small VQ-VAE, Adam 3e-4, MSE divided by the "
+        "variance of the [0, 1] training images, on the same 9,000 / 1,000 split; usage over "
+        "the 1,000 validation images, eval mode.)",
     ]
-    out += ["| " + " | ".join(r) + " |" for r in OFFICIAL]
     for metric, why in skipped.items():
         out.append(f"\n{'LPIPS' if metric == 'lpips' else 'rFID'}: skipped ({why})")
     return "\n".join(out) + "\n"
@@ -363,30 +513,31 @@ def _plot_usage_pil(rows: list[Row], path: str | Path) -> None:
 def write_outputs(
     rows: list[Row], config: RunConfig, skipped: dict[str, str], out: str | Path
 ) -> str:
-    """Write ``table.md``, ``results.json`` and ``usage.png`` into ``out``; return the table."""
+    """Write ``table.md``, ``results.json`` (every run and the per-row summary) and
+    ``usage.png`` into ``out``; return the table."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = format_tables(rows, config, skipped)
     (out / "table.md").write_text(text)
-    clean = [
-        {
-            **asdict(r),
-            "metrics": {
-                k: (v if v is None or math.isfinite(v) else None) for k, v in r.metrics.items()
-            },
-        }
-        for r in rows
-    ]
+
+    def clean(rows: list[Row]) -> list[dict]:
+        finite = lambda v: v if v is None or math.isfinite(v) else None  # noqa: E731
+        return [
+            {**asdict(r), "metrics": {k: finite(v) for k, v in r.metrics.items()}} for r in rows
+        ]
+
+    summary = aggregate(rows)
     (out / "results.json").write_text(
         json.dumps(
             {
                 "config": asdict(config),
                 "skipped": skipped,
-                "rows": clean,
+                "rows": clean(rows),  # one per run (row and seed)
+                "summary": clean(summary),  # one per row: mean and (min, max) over the seeds
                 "papers": {name: {"source": s, **p} for name, (s, p) in PAPERS.items()},
             },
             indent=1,
         )
     )
-    plot_usage(rows, out / "usage.png")
+    plot_usage(summary, out / "usage.png")
     return text

