@@ -132,6 +132,13 @@ CPU_CASES = [  # what, quantizer, options, latent shape, target on a 2-core CPU
         (64, 128, 7, 7),
         "target <= 60 ms (2 threads)",
     ),
+    (
+        "CVQ fwd+bwd, MNIST setting, probabilistic",
+        "cvq",
+        dict(num_codes=1024, code_dim=128, distance="cosine"),
+        (64, 128, 7, 7),
+        "target <= 60 ms (2 threads)",
+    ),
 ]
 
 

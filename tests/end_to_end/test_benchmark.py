@@ -58,7 +58,7 @@ def test_every_row_family_is_timed_and_written_as_json(tmp_path):
     whats = [r["what"] for r in rows]
     assert any("tiled" in w for w in whats) and any("dense" in w for w in whats)
     targets = [r for r in rows if r["notes"].startswith("target <=")]  # the CPU cases
-    assert len(targets) == 4 and all(r["family"] == "quantizer" for r in targets)
+    assert len(targets) == 5 and all(r["family"] == "quantizer" for r in targets)
     assert all("x the limit" in r["notes"] for r in targets)  # the ratio to the arithmetic
     waits = [r for r in rows if r["family"] == "waits"]  # counted on two processes
     assert [r["notes"].split(" (")[0] for r in waits] == [

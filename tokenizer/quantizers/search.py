@@ -19,8 +19,11 @@ candidate (CVQ-VAE Sec. 3.2):
 
 Memory besides the inputs and outputs: one or two tiles of scores and O(K) running values,
 whatever N.
-Ties: the first index wins everywhere (the lowest code for a row; the first row for a code),
-as ``argmax`` on the dense matrix does.
+Ties: among equal scores the first index wins (the lowest code for a row; the first row for a
+code), as ``argmax`` on the dense matrix does. When there are more codes than rows in a tile, a
+tile is computed K×rows (a tall product is several times faster on the CPU); the same vector at
+two positions of such a tile can then round differently in the last bit, so among identical
+features any one may be a code's anchor (the anchor itself is the same).
 
 Scores are similarities (higher is closer): cosine similarity for ``"cosine"``, the negative
 squared Euclidean distance for ``"l2"``. Callers pass float32 tensors.
@@ -66,17 +69,21 @@ def _operands(x: torch.Tensor, codebook: torch.Tensor, distance: str):
     return rows, codes.t().contiguous()
 
 
-def _argmax_rows(s: torch.Tensor) -> torch.Tensor:
-    """``s.argmax(1)`` (the first index on ties). On the CPU, where torch's argmax along a row
-    is not vectorised but its ``amax`` is (~10× faster per element), in two levels: the block
-    of ``BLOCK`` codes holding the row's maximum (the first such block), then the first maximum
-    within it: 2-3× faster at K = 256 … 1024, and exactly the same index."""
-    n, k = s.shape
+def _first_argmax(s: torch.Tensor, dim: int) -> torch.Tensor:
+    """``s.argmax(dim)`` of a 2-D tile (the first index on ties). On the CPU, where torch's
+    argmax is not vectorised but its ``amax`` is (~10× faster per element), in two levels: the
+    first block of ``BLOCK`` entries holding the maximum, then the first maximum within it:
+    2-3× faster at 256 … 1024 codes, and exactly the same index."""
+    k = s.shape[dim]
     if s.device.type != "cpu" or k % BLOCK or k < 4 * BLOCK:
-        return s.argmax(1)
-    blocks = s.view(n, k // BLOCK, BLOCK)
-    block = blocks.amax(2).argmax(1)
-    return block * BLOCK + blocks[torch.arange(n), block].argmax(1)
+        return s.argmax(dim)
+    if dim == 1:
+        blocks = s.view(len(s), k // BLOCK, BLOCK)
+        block = blocks.amax(2).argmax(1)
+        return block * BLOCK + blocks[torch.arange(len(s)), block].argmax(1)
+    blocks = s.view(k // BLOCK, BLOCK, s.shape[1])
+    block = blocks.amax(1).argmax(0)
+    return block * BLOCK + blocks[block, :, torch.arange(s.shape[1])].argmax(1)
 
 
 def _gumbel(shape, generator, device) -> torch.Tensor:
@@ -121,30 +128,42 @@ def _search(x, codebook, distance, anchor, generator, tile_elements) -> Search:
     rows, codes = _operands(x, codebook, distance)
     n, k, device = len(rows), codes.shape[1], x.device
     step = min(max(1, tile_elements // max(k, 1)), max(n, 1))
+    # a matrix product with a tall output runs several times faster on the CPU than its
+    # transpose: with more codes than tile rows, tiles are K×rows (codes along dim 0)
+    by_code = k > step
+    if by_code:
+        rows, codes = rows.t().contiguous(), codes.t().contiguous()  # d'×N, K×d'
+    along_rows = 1 if by_code else 0  # the tile's dimension of rows
     indices = torch.empty(n, dtype=torch.long, device=device)
     best = torch.full((k,), float("-inf"), device=device)
     where = torch.zeros(k, dtype=torch.long, device=device)
-    scores = torch.empty(step, k, device=device)
-    mass = torch.empty(step, k, device=device) if anchor == "probabilistic" else None
+    shape = (k, step) if by_code else (step, k)
+    scores = torch.empty(shape, device=device)
+    mass = torch.empty(shape, device=device) if anchor == "probabilistic" else None
     for start in range(0, n, step):
-        s = torch.mm(rows[start : start + step], codes, out=scores[: min(step, n - start)])
-        indices[start : start + len(s)] = _argmax_rows(s)
+        stop = min(start + step, n)
+        if by_code:  # out= only for whole tiles (a partial one would be a strided view)
+            s = torch.mm(codes, rows[:, start:stop], out=scores if stop - start == step else None)
+        else:
+            s = torch.mm(rows[start:stop], codes, out=scores[: stop - start])
+        indices[start:stop] = _first_argmax(s, 1 - along_rows)
         if anchor is None:
             continue
         if anchor == "closest":
-            value = s.amax(0)
+            value = s.amax(along_rows)
         else:  # the tile's log-mass per code plus Gumbel noise: a Gumbel-max over tiles
-            top = s.amax(0) if distance == "l2" else s.new_zeros(k)  # cosine: |s| <= 1
-            e = torch.sub(s, top, out=mass[: len(s)]).exp_()
-            value = e.sum(0).log_().add_(top).add_(_gumbel(k, generator, device))
+            top = s.amax(along_rows) if distance == "l2" else s.new_zeros(k)  # cosine: |s| <= 1
+            out = mass if s.shape == mass.shape else None
+            e = torch.sub(s, top.unsqueeze(along_rows), out=out).exp_()
+            value = e.sum(along_rows).log_().add_(top).add_(_gumbel(k, generator, device))
         # the codes whose candidate is now in this tile: their row within it (for
         # "probabilistic" a Gumbel-max draw in the tile, independent of the tile's selection)
         better = (value > best).nonzero().flatten()
         if len(better):
-            column = s[:, better]
+            column = s.index_select(1 - along_rows, better)
             if anchor == "probabilistic":
                 column += _gumbel(column.shape, generator, device)
-            where[better] = column.argmax(0) + start
+            where[better] = column.argmax(along_rows) + start
             best[better] = value[better]
     if anchor is None:
         return Search(indices)
