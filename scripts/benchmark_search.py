@@ -47,6 +47,7 @@ def run_one(method: str, n: int, k: int, d: int, device: str) -> dict:
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(3):
+        out = None  # the previous result is not part of this search's memory
         out = search()
     if device == "cuda":
         torch.cuda.synchronize()

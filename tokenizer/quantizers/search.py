@@ -57,16 +57,21 @@ class Search:
     anchor_row: torch.Tensor | None = None
 
 
-def _operands(x: torch.Tensor, codebook: torch.Tensor, distance: str):
-    """Row and code matrices whose product is the full score matrix: for cosine the normalised
-    vectors; for l2 the augmented [2x, −‖x‖², 1] and [e, 1, −‖e‖²], whose product is
-    2x·e − ‖x‖² − ‖e‖² = −‖x − e‖² in one matrix product."""
+def _rows(x: torch.Tensor, distance: str) -> torch.Tensor:
+    """A tile's row operand: for cosine the normalised vectors; for l2 the augmented
+    [2x, −‖x‖², 1], whose product with :func:`_codes`' [e, 1, −‖e‖²] is
+    2x·e − ‖x‖² − ‖e‖² = −‖x − e‖² in one matrix product. Built per tile: no copy of all N."""
     if distance == "cosine":
-        return F.normalize(x, dim=1), F.normalize(codebook, dim=1).t().contiguous()
-    ones_x, ones_c = x.new_ones(len(x), 1), codebook.new_ones(len(codebook), 1)
-    rows = torch.cat([2 * x, -x.pow(2).sum(1, keepdim=True), ones_x], 1)
-    codes = torch.cat([codebook, ones_c, -codebook.pow(2).sum(1, keepdim=True)], 1)
-    return rows, codes.t().contiguous()
+        return F.normalize(x, dim=1)
+    return torch.cat([2 * x, -x.pow(2).sum(1, keepdim=True), x.new_ones(len(x), 1)], 1)
+
+
+def _codes(codebook: torch.Tensor, distance: str) -> torch.Tensor:
+    """The code operand (K×d'), see :func:`_rows`."""
+    if distance == "cosine":
+        return F.normalize(codebook, dim=1)
+    ones = codebook.new_ones(len(codebook), 1)
+    return torch.cat([codebook, ones, -codebook.pow(2).sum(1, keepdim=True)], 1)
 
 
 def _first_argmax(s: torch.Tensor, dim: int) -> torch.Tensor:
@@ -125,14 +130,13 @@ def search_and_anchor(
 
 
 def _search(x, codebook, distance, anchor, generator, tile_elements) -> Search:
-    rows, codes = _operands(x, codebook, distance)
-    n, k, device = len(rows), codes.shape[1], x.device
+    n, k, device = len(x), len(codebook), x.device
     step = min(max(1, tile_elements // max(k, 1)), max(n, 1))
     # a matrix product with a tall output runs several times faster on the CPU than its
     # transpose: with more codes than tile rows, tiles are K×rows (codes along dim 0)
     by_code = k > step
-    if by_code:
-        rows, codes = rows.t().contiguous(), codes.t().contiguous()  # d'×N, K×d'
+    codes = _codes(codebook, distance)  # K×d'
+    codes = codes if by_code else codes.t().contiguous()
     along_rows = 1 if by_code else 0  # the tile's dimension of rows
     indices = torch.empty(n, dtype=torch.long, device=device)
     best = torch.full((k,), float("-inf"), device=device)
@@ -142,10 +146,11 @@ def _search(x, codebook, distance, anchor, generator, tile_elements) -> Search:
     mass = torch.empty(shape, device=device) if anchor == "probabilistic" else None
     for start in range(0, n, step):
         stop = min(start + step, n)
+        rows = _rows(x[start:stop], distance)
         if by_code:  # out= only for whole tiles (a partial one would be a strided view)
-            s = torch.mm(codes, rows[:, start:stop], out=scores if stop - start == step else None)
+            s = torch.mm(codes, rows.t(), out=scores if stop - start == step else None)
         else:
-            s = torch.mm(rows[start:stop], codes, out=scores[: stop - start])
+            s = torch.mm(rows, codes, out=scores[: stop - start])
         indices[start:stop] = _first_argmax(s, 1 - along_rows)
         if anchor is None:
             continue
