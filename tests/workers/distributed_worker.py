@@ -35,7 +35,7 @@ SETTINGS = {
     "looc-no-update": ("looc", dict(num_codes=16, code_dim=4, anchor="none")),
     "cvq-contrastive-chunked": (  # the contrastive loss a code at a time
         "cvq",
-        dict(num_codes=32, code_dim=8, contrastive_weight=1.0, max_search_elements=64),
+        dict(num_codes=32, code_dim=8, contrastive_weight=1.0, max_search_elements=1),
     ),
     "vq-ema": ("vq", dict(num_codes=32, code_dim=8, ema=True)),
 }

@@ -14,6 +14,10 @@ from .distributed import all_reduce_sum, sum_counts_and_pick_anchors
 from .search import search_and_anchor
 
 ANCHORS = ("random", "unique", "closest", "probabilistic", "none")
+# the contrastive loss holds at most this many search tiles of similarities (64 MiB by default):
+# one chunk, as the dense formula, at the papers' MNIST sizes; chunks recomputed in the backward
+# pass (about 1.5× the time) only where the N×K matrix would be larger
+CONTRASTIVE_TILES = 64
 
 
 class ClusteredQuantizer(Quantizer):
@@ -45,8 +49,8 @@ class ClusteredQuantizer(Quantizer):
         uses 1): for each code, positive = mean similarity of its N/K closest features,
         negatives = its farthest half of the features, cross-entropy at temperature
         ``contrastive_temperature`` (0.07). Computed for a chunk of codes at a time (at most
-        ``max_search_elements`` similarities, or one column of N), recomputed in the backward
-        pass, so the N×K similarity matrix is never held.
+        ``CONTRASTIVE_TILES × max_search_elements`` similarities, or one column of N),
+        recomputed in the backward pass, so a large N×K similarity matrix is never held.
 
     State (saved in the state dict, so a resumed run continues exactly): ``usage`` (N_k) and
     ``initialised`` (the offline variant's flag, read from the device once, then known on the
@@ -146,7 +150,7 @@ class ClusteredQuantizer(Quantizer):
             return None
         # clone: the in-place codebook update below must not touch a tensor saved for backward
         codes = self.codebook.clone().float()
-        chunk = max(1, self.max_search_elements // n)
+        chunk = max(1, CONTRASTIVE_TILES * self.max_search_elements // n)
         total = sum(
             checkpoint(
                 self._contrastive_terms,
