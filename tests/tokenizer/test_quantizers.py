@@ -355,9 +355,10 @@ def dense_scores(x, codebook, distance):
     return -torch.cdist(x.double(), codebook.double()).pow(2)
 
 
+@pytest.mark.parametrize("sync_free", [False, True], ids=["cpu", "sync-free"])
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 @pytest.mark.parametrize("n, k, d", [(1000, 37, 4), (4099, 256, 4), (333, 1024, 128), (50, 3, 2)])
-def test_tiled_search_and_closest_anchors_equal_the_dense_reference(distance, n, k, d):
+def test_tiled_search_and_closest_anchors_equal_the_dense_reference(distance, n, k, d, sync_free):
     from tokenizer.quantizers import search_and_anchor
 
     g = torch.Generator().manual_seed(n + k)
@@ -365,7 +366,9 @@ def test_tiled_search_and_closest_anchors_equal_the_dense_reference(distance, n,
     x[7] = x[3]  # duplicate rows
     sim = dense_scores(x, codebook, distance)
     for tile_elements in (1, 100, k * 7 + 3, 10**9):  # one row per tile … one tile
-        found = search_and_anchor(x, codebook, distance, "closest", tile_elements=tile_elements)
+        found = search_and_anchor(
+            x, codebook, distance, "closest", tile_elements=tile_elements, sync_free=sync_free
+        )
         assert torch.equal(found.indices, sim.argmax(1))
         # the same anchor feature (rows 3 and 7 are equal: either may be found, see search.py)
         assert torch.equal(x[found.anchor_row], x[sim.argmax(0)])
@@ -390,8 +393,9 @@ def test_two_level_argmax_is_argmax_with_ties_and_nan(dim):
     assert _first_argmax(s, dim)[:3].tolist() == [5, BLOCK + 2, 2 * BLOCK]
 
 
+@pytest.mark.parametrize("sync_free", [False, True], ids=["cpu", "sync-free"])
 @pytest.mark.parametrize("tile_elements", [20000, 10**9], ids=["a row per tile", "one tile"])
-def test_probabilistic_anchor_samples_the_softmax(tile_elements):
+def test_probabilistic_anchor_samples_the_softmax(tile_elements, sync_free):
     from tokenizer.quantizers import search_and_anchor
 
     x = torch.tensor([[0.0], [1.0], [2.0]])
@@ -403,11 +407,32 @@ def test_probabilistic_anchor_samples_the_softmax(tile_elements):
         "probabilistic",
         generator=torch.Generator().manual_seed(0),
         tile_elements=tile_elements,
+        sync_free=sync_free,
     )
     where = found.anchor_row
     freq = torch.bincount(where, minlength=3).float() / 20000
     expected = torch.softmax(-(x.flatten() ** 2), 0)
     assert torch.allclose(freq, expected, atol=0.01), (freq, expected)
+
+
+@pytest.mark.parametrize("anchor", [None, "closest", "probabilistic"])
+def test_sync_free_search_never_asks_the_host(anchor):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from tokenizer.quantizers import search_and_anchor
+
+    class Ops(TorchDispatchMode):
+        names: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x, codebook = torch.randn(3000, 4), torch.randn(256, 4)
+    with Ops() as ops:
+        search_and_anchor(x, codebook, "cosine", anchor, tile_elements=5000, sync_free=True)
+    waits = {"nonzero.default", "_local_scalar_dense.default", "item.default"}
+    assert "mm.default" in ops.names and not ops.names & waits, ops.names & waits
 
 
 def test_build_quantizer_rejects_bad_input_with_clear_messages():

@@ -119,17 +119,23 @@ def search_and_anchor(
     anchor: str | None = None,
     generator: torch.Generator | None = None,
     tile_elements: int = DEFAULT_TILE_ELEMENTS,
+    sync_free: bool | None = None,
 ) -> Search:
     """Every row's nearest code in ``codebook`` (Eq. 2 of CVQ-VAE) and, with ``anchor``
     ("closest" or "probabilistic"), every code's anchor candidate, in one pass over tiles of
-    rows (see the module docstring)."""
+    rows (see the module docstring). ``sync_free`` (default: on any device but the CPU) finds
+    the anchor candidates without asking the host which codes a tile improved (a wait for the
+    device per tile on a GPU): for every code in every tile, the closest row, or for
+    "probabilistic" a row drawn by inverse CDF over the tile's masses (exact up to float
+    rounding of their running sum)."""
     if anchor not in ANCHORED:
         raise ValueError(f"anchor must be one of {ANCHORED}, got {anchor!r}")
+    sync_free = x.device.type != "cpu" if sync_free is None else sync_free
     with _exact_float32(x.device):
-        return _search(x, codebook, distance, anchor, generator, tile_elements)
+        return _search(x, codebook, distance, anchor, generator, tile_elements, sync_free)
 
 
-def _search(x, codebook, distance, anchor, generator, tile_elements) -> Search:
+def _search(x, codebook, distance, anchor, generator, tile_elements, sync_free) -> Search:
     n, k, device = len(x), len(codebook), x.device
     step = min(max(1, tile_elements // max(k, 1)), max(n, 1))
     # a matrix product with a tall output runs several times faster on the CPU than its
@@ -161,6 +167,18 @@ def _search(x, codebook, distance, anchor, generator, tile_elements) -> Search:
             out = mass if s.shape == mass.shape else None
             e = torch.sub(s, top.unsqueeze(along_rows), out=out).exp_()
             value = e.sum(along_rows).log_().add_(top).add_(_gumbel(k, generator, device))
+        if sync_free:  # every code's row in this tile, kept where the tile leads
+            if anchor == "closest":
+                row = s.argmax(along_rows)
+            else:
+                cdf = e.cumsum(along_rows)
+                total = cdf.select(along_rows, -1)
+                u = torch.rand(k, generator=generator, device=device).mul_(total)
+                row = (cdf < u.unsqueeze(along_rows)).sum(along_rows).clamp_(max=stop - start - 1)
+            lead = value > best
+            where = torch.where(lead, row + start, where)
+            best = torch.where(lead, value, best)
+            continue
         # the codes whose candidate is now in this tile: their row within it (for
         # "probabilistic" a Gumbel-max draw in the tile, independent of the tile's selection)
         better = (value > best).nonzero().flatten()
