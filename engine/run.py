@@ -69,7 +69,7 @@ class EpochBatches:
     """The batch sampler of :func:`seeded_batches`: each iteration yields this process's
     micro-batches of the next epoch (the first one from ``start_step`` on), lists of indices, or
     of (index, augmentation seed) pairs for a dataset whose class sets ``seeded_items``, so that
-    an item's augmentation depends on (seed, epoch, position) only, not on the worker or process
+    an item's augmentation depends on (seed, epoch, item) only, not on the worker or process
     that loads it. An epoch is claimed when its first batch is drawn: a DataLoader's first
     iterator calls ``iter`` twice and uses the second."""
 
@@ -99,21 +99,15 @@ class EpochBatches:
         self.epoch, self.skip = epoch + 1, 0
         # a private generator: drawing the order must not consume the global RNG stream
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        used = self.per_epoch * self.per_step
-        columns = [torch.randperm(self.length, generator=generator)[:used]]
-        if self.seeded:  # one seed per position of the order, drawn after it
-            columns.append(torch.randint(2**62, (used,), generator=generator))
+        order = torch.randperm(self.length, generator=generator)[: self.per_epoch * self.per_step]
         # each process takes every N-th sample of a global batch; batches are made as the loader
         # asks for them: no Python list of the epoch's indices
-        mine = [
-            c.view(self.per_epoch, self.per_step)[skip:, self.rank :: self.processes].reshape(
-                -1, self.batch_size
-            )
-            for c in columns
-        ]
-        for rows in zip(*mine):
-            indices = rows[0].tolist()
-            yield list(zip(indices, rows[1].tolist())) if self.seeded else indices
+        mine = order.view(self.per_epoch, self.per_step)[skip:, self.rank :: self.processes]
+        # an item's augmentation seed is a function of (seed, epoch, item): no second array
+        base = (self.seed * 100_003 + epoch) * 2**31 % 2**62  # + item: a valid torch seed
+        for batch in mine.reshape(-1, self.batch_size):
+            indices = batch.tolist()
+            yield [(i, base + i) for i in indices] if self.seeded else indices
 
 
 def seeded_batches(

@@ -84,3 +84,38 @@ def test_one_read_and_one_collective_per_step_on_two_processes(tmp_path):
         assert list(collectives.values()) == [1] and "engine/run.py:_agree" in next(
             iter(collectives)
         )
+
+
+def test_the_imagenet_recipe_as_shipped_waits_once_per_step(tmp_path, vgg_torch_home, monkeypatch):
+    """ImageNet f16 LooC with its own settings (bf16, LPIPS, ActNorm discriminator, random crops
+    and flips, 8 loader workers) at miniature size, the discriminator on from the start."""
+    from engine.config import parse_yaml
+    from tests.end_to_end.test_recipes import WIDTH, miniature_source
+
+    path = ROOT / "configs" / "tokenizer" / "imagenet_f16_looc.yaml"
+    source = miniature_source(parse_yaml(path.read_text())["data"], tmp_path, 40)
+    monkeypatch.setenv("TORCH_HOME", str(vgg_torch_home))
+    launch_two_processes(
+        SCRIPT,
+        "tokenizer",
+        "--config",
+        str(path),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--steps",
+        "4",
+        f"data.source={source}",
+        "data.resolution=32",
+        "model.resolution=32",
+        f"model.ch={WIDTH}",
+        "train.batch_size=2",
+        "loss.disc_start=0",
+        "loss.disc_channels=8",
+        port=29541,
+    )
+    for reads, collectives in _steps(tmp_path / "run"):
+        assert reads == {"engine/run.py:_agree": 1}
+        assert collectives == {
+            "engine/run.py:_agree → accelerate/utils/operations.py:_reduce_across_processes": 1,
+            "tokenizer/quantizers/distributed.py:sum_counts_and_pick_anchors": 1,
+        }
