@@ -1,11 +1,13 @@
 """Speed and memory of the hot paths, as one Markdown table: quantizer forward+backward (and its
-ratio to the machine's arithmetic limit), what a training step waits for (device reads and
+ratio to the machine's arithmetic limit), the quantizers at large codebooks (time and peak
+extra memory at K up to 262,144), what a training step waits for (device reads and
 collectives per step, on two processes), tokenizer and UNet training steps, sampling, Inception
 feature extraction, the latent cache (resident memory and latents/s by cache size and process
 count) and the data path (listing a folder, encoding a latent cache).
 
     python scripts/benchmark.py [--size tiny|real] [--device cuda] [--json rows.json]
-        [--only quantizer,waits,tokenizer,unet,sampling,inception,cache,data]
+        [--only quantizer,codebooks,waits,tokenizer,unet,sampling,inception,cache,data]
+        [--codebook-sizes 1024,16384,262144] [--codebook-rows 2048,65536]
         [--inception-weights PATH | --random-inception] [--tokenizer-config YAML]
 
 --size defaults to "real" (the papers' settings) on CUDA and "tiny" (smoke sizes) on CPU. Times
@@ -30,7 +32,17 @@ import torch.nn.functional as F
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("quantizer", "waits", "tokenizer", "unet", "sampling", "inception", "cache", "data")
+FAMILIES = (
+    "quantizer",
+    "codebooks",
+    "waits",
+    "tokenizer",
+    "unet",
+    "sampling",
+    "inception",
+    "cache",
+    "data",
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -248,6 +260,94 @@ def bench_quantizer(args, device) -> list[dict]:
     return rows + [
         row("quantizer", what, setting, seconds, peak, n_looc, "vectors/s", f"N={n_looc:,}")
     ]
+
+
+# One case of the codebook-size grid, in its own process so that its peak memory is its own:
+# forward + backward of a quantizer on N random rows, the peak growth over the quantizer and
+# the inputs (resident memory on the CPU, allocated memory on CUDA).
+CODEBOOK_CASE = """
+import json, resource, statistics, sys, time
+import torch
+from tokenizer.quantizers import build_quantizer
+
+kind, options, n, device, steps = json.loads(sys.argv[1])
+device = torch.device(device)
+torch.manual_seed(0)
+q = build_quantizer(kind, **options).to(device).train()
+d = q.code_dim
+z = torch.randn(n // 256, d, 16, 16, device=device, requires_grad=True)
+cuda = device.type == "cuda"
+sync = torch.cuda.synchronize if cuda else lambda: None
+
+
+def step():
+    out = q(z)
+    (out.z_q.float().pow(2).mean() + out.loss).backward()
+
+
+base = torch.cuda.memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+times = []
+for i in range(steps + 1):  # the first is the warm-up
+    sync()
+    start = time.perf_counter()
+    step()
+    sync()
+    times.append(time.perf_counter() - start)
+if cuda:
+    peak = torch.cuda.max_memory_allocated() - base
+else:
+    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+print(json.dumps({"seconds": statistics.median(times[1:] or times), "peak": peak}))
+"""
+
+
+def bench_codebooks(args, device) -> list[dict]:
+    """Forward + backward of VQ, CVQ, SimVQ, IBQ (d = 8) and LFQ (d = log2 K) at the codebook
+    sizes and row counts of ``--codebook-sizes`` / ``--codebook-rows`` (default K = 1,024,
+    16,384, 262,144 and N = 2,048, 65,536), each in its own process: time, peak extra memory,
+    and the N×K float32 scores a dense formulation holds (IBQ's dense form holds several)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    rows = []
+    for k in args.codebook_sizes:
+        for n in args.codebook_rows:
+            for kind in ("vq", "cvq", "simvq", "ibq", "lfq"):
+                if kind == "lfq":
+                    options = dict(code_dim=round(math.log2(k)))
+                    if 2 ** options["code_dim"] != k:
+                        continue
+                else:
+                    options = dict(num_codes=k, code_dim=8)
+                    options.update(
+                        {"vq": dict(distance="l2"), "cvq": dict(anchor="closest")}.get(kind, {})
+                    )
+                setting = f"K={k:,}, N={n:,}, " + ", ".join(f"{a}={b}" for a, b in options.items())
+                steps = 1 if n * k > 2**30 else args.steps  # the largest cases: one timed step
+                case = json.dumps([kind, options, n, device.type, steps])
+                done = subprocess.run(
+                    [sys.executable, "-c", CODEBOOK_CASE, case],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    cwd=ROOT,
+                )
+                what = f"{kind.upper() if kind != 'simvq' else 'SimVQ'} fwd+bwd, large codebook"
+                if done.returncode != 0:
+                    error = (done.stderr.strip().splitlines() or ["?"])[-1]
+                    rows.append(skipped("codebooks", what, setting, f"failed: {error}"))
+                    continue
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                dense = n * k * 4 / 2**20
+                notes = (
+                    f"dense N×K scores: {dense:,.0f} MiB; extra here: {r['peak'] / 2**20:,.0f} MiB"
+                )
+                rows.append(
+                    row("codebooks", what, setting, r["seconds"], r["peak"], n, "rows/s", notes)
+                )
+    return rows
 
 
 def bench_waits(args, device) -> list[dict]:
@@ -786,6 +886,7 @@ def bench_data(args, device) -> list[dict]:
 
 BENCHMARKS = {
     "quantizer": bench_quantizer,
+    "codebooks": bench_codebooks,
     "waits": bench_waits,
     "tokenizer": bench_tokenizer,
     "unet": bench_unet,
@@ -836,6 +937,18 @@ def main() -> None:
         "--tokenizer-config",
         metavar="YAML",
         help="the tokenizer row's config (default: ffhq_f16_cvq.yaml real, digits_demo.yaml tiny)",
+    )
+    parser.add_argument(
+        "--codebook-sizes",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=[1024, 16384, 262144],
+        help="codebooks family: the K to measure (default 1024,16384,262144)",
+    )
+    parser.add_argument(
+        "--codebook-rows",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=[2048, 65536],
+        help="codebooks family: the N rows (multiples of 256) to measure (default 2048,65536)",
     )
     parser.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
     parser.add_argument("--inception-weights", metavar="PATH")

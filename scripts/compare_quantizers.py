@@ -1,5 +1,5 @@
-"""Train the small VQ-VAE on scikit-learn's digits with VQ, CVQ and LooC and print codebook usage,
-perplexity and PSNR on the held-out digits.
+"""Train the small VQ-VAE on scikit-learn's digits with each quantizer (VQ, CVQ, LooC, FSQ, LFQ,
+SimVQ, IBQ) and print codebook usage, perplexity and PSNR on the held-out digits.
 
     python scripts/compare_quantizers.py [--steps 300] [--resolution 16] [--seed 0]
 """

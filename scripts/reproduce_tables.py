@@ -1,9 +1,14 @@
 """Reproduce the papers' small-image tokenizer tables (CVQ-VAE Tab. 1 / LooC Tab. 1, LooC Tab. 3,
-CVQ-VAE Tab. 4c) on the MNIST test set, and write table.md, results.json and usage.png.
+CVQ-VAE Tab. 4c) and compare the field's quantizers (``--table field``) on the MNIST test set, and
+write table.md, results.json and usage.png.
 
-    python scripts/reproduce_tables.py [--table main|looc_dstar|cvq_anchors|all] [--steps 4400]
-        [--batch-size 1024] [--seeds 0 1 2] [--val-every N] [--device cuda]
+    python scripts/reproduce_tables.py [--table main|looc_dstar|cvq_anchors|field|all]
+        [--steps 4400] [--batch-size 1024] [--seeds 0 1 2] [--val-every N] [--device cuda]
         [--out runs/reproduce] [--quick]
+
+Runs already in OUT/results.json (made with the same settings) are kept and not run again, and
+the file is rewritten after every run: an interrupted table is completed by running the same
+command again, or given more seeds by adding them.
 """
 
 import argparse
@@ -16,6 +21,7 @@ from tokenizer.experiments.reproduce import (
     TABLE_CHOICES,
     RunConfig,
     load_mnist,
+    load_runs,
     optional_metrics,
     run_tables,
     select_tables,
@@ -29,6 +35,7 @@ QUICK_ROWS = {
     "main": ["VQ 1024x128", "CVQ 512x64 (closest)", "LooC 32x4 (unshuffle, interpolated)"],
     "looc_dstar": ["LooC 256x16", "LooC 256x64"],
     "cvq_anchors": ["CVQ closest (online)", "CVQ random (offline)"],
+    "field": ["FSQ [8, 5, 5, 5]", "LFQ 2^10", "SimVQ 1024x128", "IBQ 1024x128"],
 }
 
 
@@ -96,6 +103,10 @@ def main() -> None:
         device=args.device,
         **{**defaults, **{k: v for k, v in given.items() if v is not None}},
     )
+    try:
+        done = load_runs(os.path.join(args.out, "results.json"), config)
+    except ValueError as e:
+        parser.error(str(e))
     data = load_mnist(args.mnist)
     scorers, skipped = optional_metrics(torch.device(args.device), not args.no_lpips_fid)
     for metric, why in skipped.items():
@@ -110,7 +121,14 @@ def main() -> None:
     )
     start = time.perf_counter()
     results = run_tables(
-        tables, data, config, scorers, log=lambda line: print(line, flush=True), rows=rows
+        tables,
+        data,
+        config,
+        scorers,
+        log=lambda line: print(line, flush=True),
+        rows=rows,
+        done=done,
+        saved=lambda runs: write_outputs(runs, config, skipped, args.out),
     )
     text = write_outputs(results, config, skipped, args.out)
     print()

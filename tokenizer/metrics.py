@@ -30,6 +30,11 @@ class CodebookUsage:
         return (self.counts > 0).float().mean().item()
 
     @property
+    def dead(self) -> int:
+        """Codes never hit."""
+        return int((self.counts == 0).sum())
+
+    @property
     def perplexity(self) -> float:
         return perplexity(self.counts).item()
 

@@ -247,8 +247,10 @@ class VQTokenizer(ModelMixin, ConfigMixin):
       z_channels: channels of the encoder output / decoder input.
       embed_dim: channels of the quantized latent (what stage two diffuses).
       norm_groups: GroupNorm groups (32 as in taming; smaller for tiny models).
-      quantizer: "vq" | "cvq" | "looc"; quantizer_options: its options (``code_dim`` defaults to
-        ``embed_dim`` for vq/cvq; for looc it is d*, which must divide ``embed_dim``).
+      quantizer: a kind of ``build_quantizer`` ("vq", "cvq", "looc", "fsq", "lfq", "simvq",
+        "ibq"); quantizer_options: its options (``code_dim`` defaults to ``embed_dim``, except
+        for looc, where it is d*, which must divide ``embed_dim``; fsq needs ``embed_dim`` =
+        len(levels), lfq has K = 2^embed_dim codes).
       scaling_factor: latent scale used by diffusion pipelines (latents · scaling_factor);
         always written explicitly (diffusers' 0.18215 default would silently ruin a VQ model).
 

@@ -115,5 +115,5 @@ def test_comparison_script_runs():
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    for name in ("VQ 256x64", "CVQ 256x64", "LooC 64x4"):
+    for name in compare.DEFAULT_SETTINGS:
         assert f"| {name} |" in done.stdout

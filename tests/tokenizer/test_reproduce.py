@@ -39,6 +39,7 @@ needs_mnist = pytest.mark.skipif(
 )
 COLUMNS = (
     "usage",
+    "dead codes",
     "final usage",
     "perplexity",
     "PSNR (dB)",
@@ -96,10 +97,26 @@ def test_every_reproduced_row_builds_and_has_a_paper_row():
     assert len(TABLES["cvq_anchors"]) == 8 and len(TABLES["looc_dstar"]) == 5
     # the CVQ-VAE README's 512x64 recipe has no number in either paper (Tab. 4a/b are plots)
     unpublished = {"CVQ 512x64 (closest)", "CVQ 512x64 (probabilistic, contrastive 1)"}
-    for rows in TABLES.values():
-        assert set(rows) - unpublished <= set(PAPERS)
+    for table, rows in TABLES.items():
+        if table != "field":  # the field's papers measured ImageNet only
+            assert set(rows) - unpublished <= set(PAPERS)
         for kind, options in rows.values():  # options the quantizers accept
-            assert build_quantizer(kind, **options).num_codes == options["num_codes"]
+            build_quantizer(kind, **options)
+
+
+def test_field_table_is_every_kind_at_two_matched_sizes():
+    sizes = {}
+    for kind, options in TABLES["field"].values():
+        k = build_quantizer(kind, **options).num_codes
+        sizes.setdefault("16k" if k > 4096 else "1k", {})[kind] = k
+    assert sizes["1k"] == dict(
+        vq=1024, cvq=1024, looc=256, fsq=1000, lfq=1024, simvq=1024, ibq=1024
+    )
+    assert sizes["16k"] == dict(vq=16384, cvq=16384, fsq=15360, lfq=16384, simvq=16384, ibq=16384)
+    large = {
+        n for n, (kind, o) in TABLES["field"].items() if build_quantizer(kind, **o).num_codes > 4096
+    }
+    assert reproduce.FIRST_SEED_ONLY == large  # one seed at ≈16k codes, all at ≈1k
 
 
 def test_main_table_rows_are_the_official_settings():
@@ -215,7 +232,7 @@ def test_seeds_are_aggregated_by_hand():
     assert row.curve == [(0, 0.0), (5, pytest.approx(0.2))]
     text = format_tables(runs, RunConfig(seeds=[0, 1, 2]), {})
     assert "seeds 0 1 2 (mean (min–max))" in text
-    assert "| VQ 1024x128 | ours | 20.0% (10.0%–30.0%) | – | – | 19.50 (18.00–21.00) |" in text
+    assert "| VQ 1024x128 | ours | 20.0% (10.0%–30.0%) | – | – | – | 19.50 (18.00–21.00) |" in text
     assert aggregate(runs[:1]) == runs[:1]  # one seed: as it is
 
 
@@ -226,11 +243,10 @@ def test_table_marks_skipped_metrics_and_draws_without_matplotlib(tmp_path):
     name = "LooC 32x4 (unshuffle, interpolated)"
     rows = [Row("main", name, "looc", {}, {**metrics, "seconds": 1.0}, [(0, 0.1), (5, 0.5)])]
     text = format_tables(rows, RunConfig(), {"lpips": "weights missing: vgg16.pth"})
-    cells = "50.0% | 25.0% | 3.0 | 20.00 | 0.8000 | 0.0500 | skipped | – | 300 | 1 s"
+    cells = "50.0% | – | 25.0% | 3.0 | 20.00 | 0.8000 | 0.0500 | skipped | – | 300 | 1 s"
     ours = f"| {name} | ours | {cells} |"
-    paper = (
-        f"| {name} | LooC Tab. 1 | – | – | – | 35.15 | 0.9961 | 0.0082 | 0.0083 | 1.70 | – | – |"
-    )
+    cells = "– | – | – | – | 35.15 | 0.9961 | 0.0082 | 0.0083 | 1.70 | – | –"
+    paper = f"| {name} | LooC Tab. 1 | {cells} |"
     assert ours in text and paper in text
     assert "LPIPS: skipped (weights missing: vgg16.pth)" in text
     for row in OFFICIAL + OFFICIAL_CPU:
@@ -294,3 +310,51 @@ def test_quick_run_end_to_end(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(png) as image:
         assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_an_interrupted_table_resumes_from_its_results(monkeypatch, tmp_path):
+    """Runs kept in results.json are not run again; the file is rewritten after every run; the
+    ≈16k-code rows of the field run the first seed only; other settings are refused."""
+    trained = []
+
+    def fake_row(table, name, data, config, scorers, seed=0):
+        trained.append((name, seed))
+        metrics = dict(
+            usage=0.5,
+            final_usage=0.5,
+            perplexity=2.0,
+            psnr=20.0 + seed,
+            ssim=0.5,
+            l1=0.1,
+            best_step=4,
+            seconds=1.0,
+            dead_codes=3,
+        )
+        return Row(table, name, "x", {}, metrics, [(0, 0.1), (4, 0.5)], [seed])
+
+    monkeypatch.setattr(reproduce, "run_row", fake_row)
+    config = RunConfig(steps=4, seeds=[0, 1])
+    rows = {"field": ["VQ 1024x128", "VQ 16384x128"]}
+    saved = []
+
+    def save(runs):
+        reproduce.write_outputs(runs, config, {}, tmp_path)
+        saved.append(len(runs))
+        if len(saved) == 2:
+            raise KeyboardInterrupt  # killed after its second run
+
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.run_tables(["field"], None, config, {}, rows=rows, saved=save)
+    assert trained == [("VQ 1024x128", 0), ("VQ 1024x128", 1)]
+    done = reproduce.load_runs(tmp_path / "results.json", config)
+    assert [(r.name, r.seeds) for r in done] == [("VQ 1024x128", [0]), ("VQ 1024x128", [1])]
+    assert done[1].curve == [(0, 0.1), (4, 0.5)]
+    trained.clear()
+    results = reproduce.run_tables(["field"], None, config, {}, rows=rows, done=done, saved=save)
+    assert trained == [("VQ 16384x128", 0)]  # the rest, and the 16k row with one seed
+    assert [r.seeds[0] for r in results] == [0, 1, 0]
+    (row,) = [r for r in aggregate(results) if r.name == "VQ 1024x128"]
+    assert row.metrics["psnr"] == 20.5 and row.spread["psnr"] == (20.0, 21.0)
+    with pytest.raises(ValueError, match=r"other settings \(steps: 4 there, 5 now\)"):
+        reproduce.load_runs(tmp_path / "results.json", RunConfig(steps=5, seeds=[0]))
+    assert reproduce.load_runs(tmp_path / "none.json", config) == []

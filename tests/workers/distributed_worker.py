@@ -38,7 +38,15 @@ SETTINGS = {
         dict(num_codes=32, code_dim=8, contrastive_weight=1.0, max_search_elements=1),
     ),
     "vq-ema": ("vq", dict(num_codes=32, code_dim=8, ema=True)),
+    "fsq": ("fsq", dict(levels=[5, 5, 5, 5, 3, 3, 3, 3])),
+    "lfq": ("lfq", dict(code_dim=8, entropy_temperature=0.5)),
+    "lfq-groups": ("lfq", dict(code_dim=8, entropy_temperature=0.5, entropy_group_bits=3)),
+    "simvq": ("simvq", dict(num_codes=32, code_dim=8)),
+    "ibq": ("ibq", dict(num_codes=32, code_dim=8, entropy_temperature=0.5)),
 }
+# the entropy of the batch mean over both processes: DDP's averaged gradient must be that of one
+# process holding both batches (checked by the test, from what rank 0 saves)
+GRADIENTS = ("lfq", "lfq-groups", "ibq")
 
 
 class Tiny(nn.Module):
@@ -53,9 +61,37 @@ class Tiny(nn.Module):
         return self.decoder(q.z_q), q
 
 
+def batch(accelerator, generator):
+    """Different data on each rank: a rank-specific shift and scale."""
+    return torch.randn(4, 3, 8, 8, generator=generator) * (1 + accelerator.process_index)
+
+
+def loss_of(model, x):
+    recon, q = model(x)
+    return (recon - x).pow(2).mean() + q.loss
+
+
+def averaged_gradients(accelerator, name: str) -> dict:
+    """One step's gradients after DDP's averaging, with the initial weights and both batches."""
+    kind, options = SETTINGS[name]
+    set_seed(0, device_specific=True)
+    model = accelerator.prepare(Tiny(build_quantizer(kind, **options)))
+    initial = {
+        k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()
+    }
+    x = batch(accelerator, torch.Generator().manual_seed(7 + accelerator.process_index))
+    accelerator.backward(loss_of(model, x))
+    inner = accelerator.unwrap_model(model)
+    grads = {n: p.grad.clone() for n, p in inner.named_parameters() if p.grad is not None}
+    return {"initial": initial, "x": accelerator.gather(x), "grads": grads}
+
+
 def main(out_path: str) -> None:
     accelerator = Accelerator()
     report = {"world_size": accelerator.num_processes}
+    saved = {name: averaged_gradients(accelerator, name) for name in GRADIENTS}
+    if accelerator.is_main_process:
+        torch.save(saved, out_path + ".gradients.pt")
     for name, (kind, options) in SETTINGS.items():
         set_seed(0, device_specific=True)  # as the trainers: own draws, weights from rank 0
         model = Tiny(build_quantizer(kind, **options))
@@ -64,16 +100,17 @@ def main(out_path: str) -> None:
         data = torch.Generator().manual_seed(1000 + accelerator.process_index)
         local_counts = None
         for _ in range(40):
-            # different data on each rank: a rank-specific shift and scale
-            x = torch.randn(4, 3, 8, 8, generator=data) * (1 + accelerator.process_index)
+            x = batch(accelerator, data)
             recon, q = model(x)
             loss = (recon - x).pow(2).mean() + q.loss
             optimizer.zero_grad()
             accelerator.backward(loss)
             optimizer.step()
             local_counts = q.counts if local_counts is None else local_counts + q.counts
-        quantizer = accelerator.unwrap_model(model).quantizer
-        state = torch.cat([t.detach().float().flatten() for t in quantizer.state_dict().values()])
+        # the whole model: the quantizer's state (codebooks, statistics) and the weights the
+        # quantizer's losses trained
+        inner = accelerator.unwrap_model(model)
+        state = torch.cat([t.detach().float().flatten() for t in inner.state_dict().values()])
         states = accelerator.gather(state.unsqueeze(0))
         counts = accelerator.gather(local_counts.unsqueeze(0))
         report[name] = {

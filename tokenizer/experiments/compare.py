@@ -15,12 +15,25 @@ from ..metrics import CodebookUsage, psnr, ssim
 from ..quantizers import build_quantizer
 from .vqvae import SmallVQVAE
 
-# name → (kind, options); embed_dim 64 for all, so LooC's d*=4 gives m=16 segments.
+# name → (kind, options) at about 256 codes; latents of 64 channels (LooC's d*=4: m=16
+# segments), except FSQ's and LFQ's, which take one channel per level or bit.
 DEFAULT_SETTINGS = {
     "VQ 256x64": ("vq", dict(num_codes=256, code_dim=64, distance="l2")),
     "CVQ 256x64": ("cvq", dict(num_codes=256, code_dim=64)),
     "LooC 64x4": ("looc", dict(num_codes=64, code_dim=4, interp_scale=2)),
+    "FSQ [8, 6, 5]": ("fsq", dict(levels=[8, 6, 5])),
+    "LFQ 2^8": ("lfq", dict(code_dim=8)),
+    "SimVQ 256x64": ("simvq", dict(num_codes=256, code_dim=64)),
+    "IBQ 256x64": ("ibq", dict(num_codes=256, code_dim=64)),
 }
+
+
+def latent_channels(kind: str, options: dict, default: int) -> int:
+    """The latent channels a quantizer takes: one per level (FSQ), the code dimension of the
+    others (LFQ: one per bit), ``default`` for LooC (split into d*-segments)."""
+    if kind == "looc":
+        return default
+    return len(options["levels"]) if kind == "fsq" else options["code_dim"]
 
 
 @dataclass
@@ -111,6 +124,7 @@ def evaluate(
     recon, target = torch.cat(recons), images.float().cpu()
     scores = {
         "usage": meter.usage,
+        "dead_codes": meter.dead,
         "perplexity": meter.perplexity,
         "mse": squared / max(1, images.numel()),
         "psnr": sum(
@@ -138,7 +152,8 @@ def train_and_evaluate(
     """Train for ``steps`` Adam steps on ``data["train"]`` with loss MSE/variance + quantizer
     loss (the papers' VQ-VAE objective), then measure on ``data["val"]``."""
     torch.manual_seed(seed)
-    model = build_model(kind, options, data["train"].shape[1], hidden, embed_dim)
+    channels = latent_channels(kind, options, embed_dim)
+    model = build_model(kind, options, data["train"].shape[1], hidden, channels)
     seconds = train(model, data["train"], steps, batch_size, lr)
     scores, _ = evaluate(model, data["val"])
     return Result(name, scores["usage"], scores["perplexity"], scores["psnr"], seconds)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..quantizers.looc import SEGMENT_LAYOUTS, STRAIGHT_THROUGH
-from .compare import build_model, evaluate, train
+from .compare import build_model, evaluate, latent_channels, train
 from .mnist import load_mnist_idx
 
 MNIST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -38,6 +38,26 @@ def _looc(k: int, d: int, layout="unshuffle", straight_through="interpolated", a
     return ("looc", {**options, "segment_layout": layout, "straight_through": straight_through})
 
 
+def _field(k: int, levels: list[int], bits: int, looc: bool) -> dict:
+    """The field's quantizers at about K codes, each with its paper's defaults; d = 128 where the
+    codebook is explicit (as VQ's), FSQ / LFQ at the d their codebooks take."""
+    rows = {
+        f"VQ {k}x128": ("vq", dict(num_codes=k, code_dim=128, distance="l2")),
+        f"CVQ {k}x128 (closest)": _cvq(k, 128),
+    }
+    if looc:  # the default layout (channel, identity), which beat the official pair above
+        rows["LooC 256x4 (channel, identity)"] = _looc(256, 4, "channel", "identity")
+    return {
+        **rows,
+        f"FSQ {levels}": ("fsq", dict(levels=levels)),
+        f"LFQ 2^{bits}": ("lfq", dict(code_dim=bits)),
+        f"SimVQ {k}x128": ("simvq", dict(num_codes=k, code_dim=128)),
+        f"IBQ {k}x128": ("ibq", dict(num_codes=k, code_dim=128)),
+    }
+
+
+FIELD_SMALL = _field(1024, [8, 5, 5, 5], 10, looc=True)
+FIELD_LARGE = _field(16384, [8, 8, 8, 6, 5], 14, looc=False)
 NO_UPDATE = "LooC 256x4 (unshuffle, interpolated, no CVQ update)"
 # table → {row name → (kind, options)}
 TABLES = {
@@ -65,7 +85,20 @@ TABLES = {
         for mode in ("online", "offline")
         for anchor in ("random", "unique", "closest", "probabilistic")
     },
+    "field": {**FIELD_SMALL, **FIELD_LARGE},
 }
+# rows trained with the first of the seeds only (the ≈16k-code rows of the field: their cost)
+FIRST_SEED_ONLY = set(FIELD_LARGE)
+# The papers' own ImageNet 256² (f16) numbers for the field, as the issue collected them: other
+# data, models and budgets; for orientation beside the field table, not comparable with it.
+FIELD_PAPERS = [
+    ("FSQ (Mentzer et al. 2023)", "[8,8,8,5,5,5] = 64,000", "~100%", "2.80 (128², SimVQ's table)"),
+    ("LFQ (MAGVIT-v2; Open-MAGVIT2)", "2^18", "100%", "1.17"),
+    ("SimVQ (Zhu et al. 2024)", "65,536 / 262,144", "100%", "2.24 / 1.99 (128²)"),
+    ("IBQ (Shi et al. 2024)", "1,024 / 16,384 / 262,144", "99 / 96 / 84%", "2.24 / 1.37 / 1.00"),
+    ("VQGAN-LC", "100,000", "99.9%", "2.62"),
+    ("taming VQGAN", "16,384", "low", "4.9"),
+]
 TABLE_CHOICES = (*TABLES, "all")
 
 # The papers' MNIST numbers (validation set): row name → (source, {metric: value}).
@@ -159,6 +192,7 @@ REFERENCES = [
 
 COLUMNS = [
     ("usage", "usage"),
+    ("dead_codes", "dead codes"),
     ("final_usage", "final usage"),
     ("perplexity", "perplexity"),
     ("psnr", "PSNR (dB)"),
@@ -281,8 +315,8 @@ def run_row(
     kind, options = TABLES[table][name]
     device = torch.device(config.device)
     torch.manual_seed(seed)
-    embed_dim = EMBED_DIM if kind == "looc" else options["code_dim"]
-    model = build_model(kind, options, in_channels=1, hidden=HIDDEN, embed_dim=embed_dim)
+    channels = latent_channels(kind, options, EMBED_DIM)
+    model = build_model(kind, options, in_channels=1, hidden=HIDDEN, embed_dim=channels)
     model.to(device)
     target = data["val"][: config.val_images or None]
     train_images, val = data["train"].to(device), target.to(device)
@@ -354,29 +388,73 @@ def run_tables(
     scorers: dict,
     log=print,
     rows: dict[str, list[str]] | None = None,
+    done: list[Row] = (),
+    saved=None,
 ) -> list[Row]:
     """Every row of ``tables`` (or only ``rows[table]`` when given), in order, once per seed of
-    ``config.seeds``: one Row per run (see :func:`aggregate`)."""
+    ``config.seeds`` (the first only for ``FIRST_SEED_ONLY``): one Row per run (see
+    :func:`aggregate`). Runs in ``done`` (from an earlier, interrupted call: :func:`load_runs`)
+    are kept, not run again; ``saved(results)`` is called after every new run, with the runs so
+    far, the done ones that were not asked for at the end."""
+    finished = {(r.table, r.name, r.seeds[0]): r for r in done}
+    planned = [
+        (table, name, seed)
+        for table in tables
+        for name in (rows or {}).get(table, TABLES[table])
+        for seed in (config.seeds[:1] if name in FIRST_SEED_ONLY else config.seeds)
+    ]
+    others = [r for key, r in finished.items() if key not in set(planned)]
     results = []
-    for table in tables:
-        for name in (rows or {}).get(table, TABLES[table]):
-            for seed in config.seeds:
-                row = run_row(table, name, data, config, scorers, seed)
-                m = row.metrics
-                log(
-                    f"  [{table}] {name}, seed {seed}: usage {100 * m['usage']:.1f}% "
-                    f"(final {100 * m['final_usage']:.1f}%), perplexity {m['perplexity']:.1f}, "
-                    f"PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, L1 {m['l1']:.4f} at step "
-                    f"{m['best_step']} ({m['seconds']:.0f} s)"
-                )
-                results.append(row)
-    return results
+    for table, name, seed in planned:
+        if (table, name, seed) in finished:
+            log(f"  [{table}] {name}, seed {seed}: done before, kept")
+            results.append(finished[(table, name, seed)])
+            continue
+        row = run_row(table, name, data, config, scorers, seed)
+        m = row.metrics
+        log(
+            f"  [{table}] {name}, seed {seed}: usage {100 * m['usage']:.1f}% "
+            f"(final {100 * m['final_usage']:.1f}%), perplexity {m['perplexity']:.1f}, "
+            f"PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f}, L1 {m['l1']:.4f} at step "
+            f"{m['best_step']} ({m['seconds']:.0f} s)"
+        )
+        results.append(row)
+        if saved is not None:
+            saved(results + others)
+    return results + others
+
+
+def load_runs(path: str | Path, config: RunConfig) -> list[Row]:
+    """The runs of an earlier ``results.json`` (none if there is no file), refused with the
+    settings that differ when they were made with other settings than ``config`` (the seeds
+    aside: adding seeds is how a table is completed)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    mine = {k: v for k, v in asdict(config).items() if k != "seeds"}
+    theirs = {k: v for k, v in saved.get("config", {}).items() if k != "seeds"}
+    differ = sorted(k for k in mine if mine[k] != theirs.get(k))
+    if differ:
+        raise ValueError(
+            f"{path} holds runs made with other settings ("
+            + ", ".join(f"{k}: {theirs.get(k)!r} there, {mine[k]!r} now" for k in differ)
+            + "); use another --out or the same settings"
+        )
+    runs = []
+    for r in saved["rows"]:
+        r["curve"] = [tuple(point) for point in r["curve"]]
+        r["spread"] = {k: tuple(v) for k, v in r["spread"].items()}
+        runs.append(Row(**r))
+    return runs
 
 
 # --- output -------------------------------------------------------------------------------------
 def _value(metric: str, value) -> str:
     if metric in ("usage", "final_usage"):
         return f"{100 * value:.1f}%"
+    if metric == "dead_codes":
+        return f"{value:,.0f}"
     if metric == "seconds":
         return f"{value:.0f} s"
     if metric == "best_step":
@@ -402,6 +480,7 @@ def format_tables(rows: list[Row], config: RunConfig, skipped: dict[str, str]) -
         "main": "Main table (CVQ-VAE Tab. 1 / LooC Tab. 1, MNIST)",
         "looc_dstar": "LooC Tab. 3: d* at K = 256 (beta = 2)",
         "cvq_anchors": "CVQ-VAE Tab. 4c: anchor sampling (online / offline)",
+        "field": "The field: every quantizer at about 1k and 16k codes (MNIST)",
     }
     head = "| row | source | " + " | ".join(t for _, t in COLUMNS) + " |"
     rule = "|" + "---|" * (len(COLUMNS) + 2)
@@ -427,7 +506,15 @@ def format_tables(rows: list[Row], config: RunConfig, skipped: dict[str, str]) -
         "straight-through), the official code's pair 'unshuffle, interpolated'."
     ]
     for table in dict.fromkeys(r.table for r in rows):
-        out += ["", f"### {titles[table]}", "", head, rule]
+        out += ["", f"### {titles[table]}", ""]
+        if table == "field":
+            out += [
+                "FSQ, LFQ, SimVQ and IBQ with their papers' defaults (options tables in the "
+                "README); CVQ with closest anchors, LooC in its default layout; the ≈16k-code "
+                "rows with the first seed only.",
+                "",
+            ]
+        out += [head, rule]
         for r in (r for r in aggregate(rows) if r.table == table):
             cells = [_cell(m, r.metrics.get(m), skipped, r.spread.get(m)) for m, _ in COLUMNS]
             out.append(f"| {r.name} | ours | " + " | ".join(cells) + " |")
@@ -435,6 +522,16 @@ def format_tables(rows: list[Row], config: RunConfig, skipped: dict[str, str]) -
                 source, paper = PAPERS[r.name]
                 cells = [_cell(m, paper.get(m), {}) for m, _ in COLUMNS]
                 out.append(f"| {r.name} | {source} | " + " | ".join(cells) + " |")
+    if "field" in {r.table for r in rows}:
+        out += [
+            "",
+            "### For orientation: the papers' own ImageNet 256² numbers (other data, models and "
+            "budgets; not comparable with the table above)",
+            "",
+            "| method | codebook | usage | rFID |",
+            "|---|---|---|---|",
+        ]
+        out += ["| " + " | ".join(r) + " |" for r in FIELD_PAPERS]
     for title, reference in REFERENCES:
         out += [
             "",

@@ -1,4 +1,6 @@
-"""Vector quantizers: ``build_quantizer("vq" | "cvq" | "looc", **options)``.
+"""Vector quantizers: ``build_quantizer(kind, **options)`` with ``kind`` one of ``QUANTIZERS``:
+"vq", "cvq", "looc" (explicit codebooks kept alive by the CVQ update), and the field's
+collapse-free quantizers "fsq", "lfq" (implicit codebooks), "simvq" and "ibq".
 
 Every quantizer maps z (B×C×H×W) to a :class:`QuantizerOutput` and has ``decode_indices``.
 """
@@ -7,24 +9,40 @@ from __future__ import annotations
 
 import inspect
 
-from .core import Quantizer, QuantizerOutput, perplexity
+from .core import CodebookQuantizer, Quantizer, QuantizerOutput, perplexity
 from .cvq import ANCHORS, ClusteredQuantizer
+from .fsq import FSQQuantizer
+from .ibq import IBQQuantizer
+from .lfq import LFQQuantizer
 from .looc import LooCQuantizer
 from .search import Search, nearest_code, search_and_anchor
+from .simvq import SimVQQuantizer
 from .vq import VectorQuantizer
 
-QUANTIZERS = {"vq": VectorQuantizer, "cvq": ClusteredQuantizer, "looc": LooCQuantizer}
+QUANTIZERS = {
+    "vq": VectorQuantizer,
+    "cvq": ClusteredQuantizer,
+    "looc": LooCQuantizer,
+    "fsq": FSQQuantizer,
+    "lfq": LFQQuantizer,
+    "simvq": SimVQQuantizer,
+    "ibq": IBQQuantizer,
+}
 
 
 def quantizer_options(kind: str) -> list[str]:
-    """The keyword options ``build_quantizer(kind, ...)`` accepts."""
+    """The keyword options ``build_quantizer(kind, ...)`` accepts: the class's own, and its
+    parent's as long as a class passes its other keywords on (``**common``)."""
     names = []
     for cls in QUANTIZERS[kind].__mro__:
-        if not issubclass(cls, Quantizer):
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        names += [
+            p.name
+            for p in parameters
+            if p.name != "self" and p.kind != p.VAR_KEYWORD and p.name not in names
+        ]
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
             break
-        for name in inspect.signature(cls.__init__).parameters:
-            if name not in ("self", "options", "common") and name not in names:
-                names.append(name)
     return names
 
 
@@ -44,9 +62,14 @@ __all__ = [
     "ANCHORS",
     "QUANTIZERS",
     "ClusteredQuantizer",
+    "CodebookQuantizer",
+    "FSQQuantizer",
+    "IBQQuantizer",
+    "LFQQuantizer",
     "LooCQuantizer",
     "Quantizer",
     "QuantizerOutput",
+    "SimVQQuantizer",
     "VectorQuantizer",
     "Search",
     "search_and_anchor",

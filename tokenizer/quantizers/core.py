@@ -1,5 +1,6 @@
-"""What every quantizer shares: the output, the codebook, the losses and the straight-through
-estimator, all computed in float32 whatever autocast says."""
+"""What every quantizer shares: the output, the contract (:class:`Quantizer`), and for those with
+an explicit K×d codebook (:class:`CodebookQuantizer`) the search, the losses and the
+straight-through estimator, all computed in float32 whatever autocast says."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from .search import DEFAULT_TILE_ELEMENTS, DISTANCES, nearest_code
 
 @dataclass
 class QuantizerOutput:
-    """``z_q``: quantized B×C×H×W in the input dtype, with identity (straight-through) gradient
-    to ``z``. ``loss``: codebook + beta·commitment (+ contrastive) loss, a float32 scalar.
-    ``indices``: long codes (layout per quantizer). ``counts``: hits per code in this batch on
-    this process (length K). ``perplexity``: exp of the entropy of ``counts``."""
+    """``z_q``: quantized B×C×H×W in the input dtype, with a straight-through gradient to ``z``.
+    ``loss``: the quantizer's whole loss (codebook + beta·commitment, plus the kind's own terms),
+    a float32 scalar. ``indices``: long codes (layout per quantizer). ``counts``: hits per code in
+    this batch on this process (length K). ``perplexity``: exp of the entropy of ``counts``."""
 
     z_q: torch.Tensor
     loss: torch.Tensor
@@ -47,48 +48,14 @@ def _check(condition: bool, message: str) -> None:
 
 
 class Quantizer(nn.Module):
-    """Base of all quantizers: a K×d codebook searched by ``distance``.
+    """The contract of every quantizer: ``forward(z)`` on B×C×H×W (any dtype, inside autocast or
+    not) → :class:`QuantizerOutput`, and ``decode_indices(indices)`` → the same ``z_q`` bit for
+    bit. ``num_codes`` (K, the length of ``counts``) and ``code_dim`` are set by subclasses.
+    This base holds the layout of one code per spatial position and the counting."""
 
-    Subclasses choose how B×C×H×W maps to rows of dimension d and back (``_to_rows``,
-    ``_index_shape``, ``_assemble``) and
-    what happens to the codebook after each training step (``_update_codebook``).
-    """
+    num_codes: int
+    code_dim: int
 
-    def __init__(
-        self,
-        num_codes: int = 1024,
-        code_dim: int = 64,
-        beta: float = 0.25,
-        distance: str = "l2",
-        max_search_elements: int = DEFAULT_TILE_ELEMENTS,
-    ):
-        super().__init__()
-        _check(
-            isinstance(num_codes, int) and num_codes >= 1,
-            f"num_codes (K) must be an integer >= 1, got {num_codes!r}",
-        )
-        _check(
-            isinstance(code_dim, int) and code_dim >= 1,
-            f"code_dim must be an integer >= 1, got {code_dim!r}",
-        )
-        _check(beta >= 0, f"beta (commitment weight) must be >= 0, got {beta!r}")
-        _check(distance in DISTANCES, f"distance must be one of {DISTANCES}, got {distance!r}")
-        _check(
-            max_search_elements >= 1,
-            f"max_search_elements must be >= 1, got {max_search_elements!r}",
-        )
-        self.num_codes = num_codes
-        self.code_dim = code_dim
-        self.beta = beta
-        self.distance = distance
-        self.max_search_elements = max_search_elements
-        # VQ-VAE's initialisation, U(−1/K, 1/K), as in the papers' code: far from the data,
-        # which is what makes plain VQ collapse and what CVQ repairs.
-        self.codebook = nn.Parameter(
-            torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes)
-        )
-
-    # --- layout -------------------------------------------------------------------------------
     def _to_rows(self, z: torch.Tensor) -> torch.Tensor:
         """B×C×H×W → (B·H·W)×C."""
         _check(z.dim() == 4, f"expected z of shape B×C×H×W, got shape {tuple(z.shape)}")
@@ -109,6 +76,85 @@ class Quantizer(nn.Module):
         b, h, w = indices.shape
         return quantized_rows.view(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
 
+    def _counts(self, flat_indices: torch.Tensor) -> torch.Tensor:
+        """Hits per code (K). index_add_, not bincount: bincount waits for the host on CUDA to
+        size its output."""
+        counts = torch.zeros(self.num_codes, dtype=torch.long, device=flat_indices.device)
+        return counts.index_add_(0, flat_indices, torch.ones_like(flat_indices))
+
+    def _output(self, z_q, loss, flat_indices, z, codebook_loss, commitment_loss):
+        counts = self._counts(flat_indices)
+        return QuantizerOutput(
+            z_q=z_q,
+            loss=loss,
+            indices=flat_indices.view(self._index_shape(z)),
+            counts=counts,
+            perplexity=perplexity(counts),
+            codebook_loss=codebook_loss,
+            commitment_loss=commitment_loss,
+        )
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class CodebookQuantizer(Quantizer):
+    """Quantizers with an explicit K×d codebook searched by ``distance``.
+
+    Subclasses choose the codebook (``codes``, ``_initial_codebook``), how B×C×H×W maps to rows
+    of dimension d and back (``_to_rows``, ``_index_shape``, ``_assemble``) and what happens to
+    the codebook after each training step (``_update_codebook``).
+    """
+
+    distances = DISTANCES
+    trainable_codebook = True  # a parameter; False: a buffer (SimVQ's frozen codebook)
+
+    def __init__(
+        self,
+        num_codes: int = 1024,
+        code_dim: int = 64,
+        beta: float = 0.25,
+        distance: str = "l2",
+        max_search_elements: int = DEFAULT_TILE_ELEMENTS,
+    ):
+        super().__init__()
+        _check(
+            isinstance(num_codes, int) and num_codes >= 1,
+            f"num_codes (K) must be an integer >= 1, got {num_codes!r}",
+        )
+        _check(
+            isinstance(code_dim, int) and code_dim >= 1,
+            f"code_dim must be an integer >= 1, got {code_dim!r}",
+        )
+        _check(beta >= 0, f"beta (commitment weight) must be >= 0, got {beta!r}")
+        _check(
+            distance in self.distances,
+            f"distance must be one of {self.distances}, got {distance!r}",
+        )
+        _check(
+            max_search_elements >= 1,
+            f"max_search_elements must be >= 1, got {max_search_elements!r}",
+        )
+        self.num_codes = num_codes
+        self.code_dim = code_dim
+        self.beta = beta
+        self.distance = distance
+        self.max_search_elements = max_search_elements
+        initial = self._initial_codebook(num_codes, code_dim)
+        if self.trainable_codebook:
+            self.codebook = nn.Parameter(initial)
+        else:
+            self.register_buffer("codebook", initial)
+
+    def _initial_codebook(self, num_codes: int, code_dim: int) -> torch.Tensor:
+        # VQ-VAE's initialisation, U(−1/K, 1/K), as in the papers' code: far from the data,
+        # which is what makes plain VQ collapse and what CVQ repairs.
+        return torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes)
+
+    def codes(self) -> torch.Tensor:
+        """The K×d codes in float32, with their gradient (the codebook itself here)."""
+        return self.codebook.float()
+
     # --- training-time hooks ------------------------------------------------------------------
     def _codebook_loss(self, rows: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
         """‖sg[z] − e‖² (Eq. 3, second term): moves the codebook toward the features."""
@@ -125,24 +171,22 @@ class Quantizer(nn.Module):
         return straight_through(z, z_hat)
 
     # --- public API ---------------------------------------------------------------------------
-    def search(self, rows: torch.Tensor) -> torch.Tensor:
-        return nearest_code(
-            rows, self.codebook.detach().float(), self.distance, self.max_search_elements
-        )
+    def search(self, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Each row's nearest code among ``codes`` (float32, no gradient)."""
+        return nearest_code(rows, codes, self.distance, self.max_search_elements)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         in_dtype = z.dtype
         with torch.autocast(device_type=z.device.type, enabled=False):
             zf = z.float()
             rows = self._to_rows(zf)
-            flat_indices = self.search(rows)
-            quantized = F.embedding(flat_indices, self.codebook.float())
+            codes = self.codes()
+            flat_indices = self.search(rows, codes.detach())
+            quantized = F.embedding(flat_indices, codes)
             codebook_loss = self._codebook_loss(rows, quantized)
             commitment_loss = F.mse_loss(rows, quantized.detach())
             loss = codebook_loss + self.beta * commitment_loss
-            # index_add_, not bincount: bincount waits for the host on CUDA to size its output
-            counts = torch.zeros(self.num_codes, dtype=torch.long, device=rows.device)
-            counts.index_add_(0, flat_indices, torch.ones_like(flat_indices))
+            counts = self._counts(flat_indices)
             if self.training:
                 extra = self._update_codebook(rows.detach(), flat_indices, counts)
                 if extra is not None:
@@ -164,7 +208,8 @@ class Quantizer(nn.Module):
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Indices (the layout ``forward`` returns) → z_q, float32, bit-identical to ``forward``'s
         ``z_q`` for the same codebook."""
-        quantized = F.embedding(indices.reshape(-1), self.codebook.float())
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            quantized = F.embedding(indices.reshape(-1), self.codes())
         return self._assemble(quantized, indices)
 
     def extra_repr(self) -> str:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .core import Quantizer, _check
+from .core import CodebookQuantizer, _check
 from .distributed import all_reduce_sum, sum_counts_and_pick_anchors
 from .search import search_and_anchor
 
@@ -20,7 +20,7 @@ ANCHORS = ("random", "unique", "closest", "probabilistic", "none")
 CONTRASTIVE_TILES = 64
 
 
-class ClusteredQuantizer(Quantizer):
+class ClusteredQuantizer(CodebookQuantizer):
     """VQ whose under-used codes are pulled toward anchors drawn from the encoded features.
 
     After every training step (only in ``train()`` mode):
@@ -111,16 +111,16 @@ class ClusteredQuantizer(Quantizer):
         self._known = None
 
     # --- anchors ------------------------------------------------------------------------------
-    def search(self, rows: torch.Tensor) -> torch.Tensor:
+    def search(self, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """The nearest codes; in a training step that updates the codebook with "closest" or
         "probabilistic" anchors, the anchor candidates come from the same pass over the scores
         (:func:`~.search.search_and_anchor`) and are kept for ``_candidates``."""
         anchored = self.training and self.anchor in ("closest", "probabilistic")
         if not (anchored and (self.online or not self._initialised())):
-            return super().search(rows)
+            return super().search(rows, codes)
         self._found = search_and_anchor(
             rows,
-            self.codebook.detach().float(),
+            codes,
             self.distance,
             anchor=self.anchor,
             tile_elements=self.max_search_elements,

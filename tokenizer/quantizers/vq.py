@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .core import Quantizer, _check
+from .core import CodebookQuantizer, _check
 from .distributed import all_reduce_sum
 
 
-class VectorQuantizer(Quantizer):
+class VectorQuantizer(CodebookQuantizer):
     """Plain VQ: nearest code, straight-through gradient, loss
     ‖sg[z] − e‖² + beta·‖z − sg[e]‖² (Eq. 3).
 
