@@ -262,20 +262,21 @@ def bench_quantizer(args, device) -> list[dict]:
     ]
 
 
-# One case of the codebook-size grid, in its own process so that its peak memory is its own:
-# forward + backward of a quantizer on N random rows, the peak growth over the quantizer and
-# the inputs (resident memory on the CPU, allocated memory on CUDA).
+# One case of the codebook-size grid, in its own process: forward + backward of a quantizer on N
+# random rows, timed, then once more for the peak memory in use beyond the quantizer and the
+# inputs (allocated memory on CUDA; on the CPU glibc's bytes in use, read after every operator,
+# so a temporary that lives inside one operator is not seen).
 CODEBOOK_CASE = """
-import json, resource, statistics, sys, time
+import ctypes, json, statistics, sys, time
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from tokenizer.quantizers import build_quantizer
 
 kind, options, n, device, steps = json.loads(sys.argv[1])
 device = torch.device(device)
 torch.manual_seed(0)
 q = build_quantizer(kind, **options).to(device).train()
-d = q.code_dim
-z = torch.randn(n // 256, d, 16, 16, device=device, requires_grad=True)
+z = torch.randn(n // 256, q.code_dim, 16, 16, device=device, requires_grad=True)
 cuda = device.type == "cuda"
 sync = torch.cuda.synchronize if cuda else lambda: None
 
@@ -285,7 +286,30 @@ def step():
     (out.z_q.float().pow(2).mean() + out.loss).backward()
 
 
-base = torch.cuda.memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+class Info(ctypes.Structure):  # glibc's mallinfo2: bytes in use (heap and mmapped blocks)
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = Info
+
+
+def in_use():
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class HeapPeak(TorchDispatchMode):  # the bytes in use after every operator
+    peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, in_use())
+        return out
+
+
 times = []
 for i in range(steps + 1):  # the first is the warm-up
     sync()
@@ -293,10 +317,18 @@ for i in range(steps + 1):  # the first is the warm-up
     step()
     sync()
     times.append(time.perf_counter() - start)
+z.grad = None
+q.zero_grad(set_to_none=True)
 if cuda:
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
     peak = torch.cuda.max_memory_allocated() - base
 else:
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+    base = in_use()
+    with HeapPeak() as mode:
+        step()
+    peak = mode.peak - base
 print(json.dumps({"seconds": statistics.median(times[1:] or times), "peak": peak}))
 """
 

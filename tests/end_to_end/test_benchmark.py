@@ -12,7 +12,17 @@ from tests.launch import ROOT
 
 pytestmark = pytest.mark.slow  # subprocesses, two processes: minutes
 
-FAMILIES = ("quantizer", "waits", "tokenizer", "unet", "sampling", "inception", "cache", "data")
+FAMILIES = (
+    "quantizer",
+    "codebooks",
+    "waits",
+    "tokenizer",
+    "unet",
+    "sampling",
+    "inception",
+    "cache",
+    "data",
+)
 
 
 def benchmark(*args, tmp_path):
@@ -42,7 +52,16 @@ def table_rows(stdout):
 
 
 def test_every_row_family_is_timed_and_written_as_json(tmp_path):
-    stdout = benchmark("--random-inception", "--json", tmp_path / "rows.json", tmp_path=tmp_path)
+    stdout = benchmark(
+        "--random-inception",
+        "--json",
+        tmp_path / "rows.json",
+        "--codebook-sizes",
+        "1024",
+        "--codebook-rows",
+        "512",
+        tmp_path=tmp_path,
+    )
     assert stdout.startswith("Device: CPU") and "torch " in stdout
     data = json.loads((tmp_path / "rows.json").read_text())
     assert data["size"] == "tiny" and data["device"] == "cpu"
@@ -66,6 +85,9 @@ def test_every_row_family_is_timed_and_written_as_json(tmp_path):
         "1 read(s), 1 collective(s) per step",
     ]
     assert any("LDMPipeline" in w for w in whats) and any("ours" in w for w in whats)
+    codebooks = [r for r in rows if r["family"] == "codebooks"]  # each kind in its own process
+    assert [r["what"].split()[0] for r in codebooks] == ["VQ", "CVQ", "SimVQ", "IBQ", "LFQ"]
+    assert all("dense N×K scores: 2 MiB" in r["notes"] and r["peak_bytes"] > 0 for r in codebooks)
     cache = [r for r in rows if r["family"] == "cache"]  # 2 sizes x 2 kinds x 1, 2 processes
     assert len(cache) == 8 and all("on opening" in r["notes"] for r in cache)
     assert {r["unit"] for r in rows if r["family"] == "data"} == {"files/s", "images/s"}

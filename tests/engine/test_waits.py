@@ -3,6 +3,7 @@
 
 import json
 
+import pytest
 import torch
 
 from engine.waits import CountWaits
@@ -86,13 +87,23 @@ def test_one_read_and_one_collective_per_step_on_two_processes(tmp_path):
         )
 
 
-def test_the_imagenet_recipe_as_shipped_waits_once_per_step(tmp_path, vgg_torch_home, monkeypatch):
-    """ImageNet f16 LooC with its own settings (bf16, LPIPS, ActNorm discriminator, random crops
-    and flips, 8 loader workers) at miniature size, the discriminator on from the start."""
+QUANTIZER_COLLECTIVE = {  # the quantizer's own collective, one per forward
+    "looc": "tokenizer/quantizers/distributed.py:sum_counts_and_pick_anchors",  # counts, anchors
+    "lfq": "tokenizer/quantizers/distributed.py:all_reduce_sum",  # the batch entropy's mean
+}
+
+
+@pytest.mark.parametrize("kind", list(QUANTIZER_COLLECTIVE))
+def test_the_imagenet_recipe_as_shipped_waits_once_per_step(
+    kind, tmp_path, vgg_torch_home, monkeypatch
+):
+    """ImageNet f16 LooC and LFQ (2^18 codes) with their own settings (bf16, LPIPS, ActNorm
+    discriminator, random crops and flips, 8 loader workers) at miniature size, the
+    discriminator on from the start."""
     from engine.config import parse_yaml
     from tests.end_to_end.test_recipes import WIDTH, miniature_source
 
-    path = ROOT / "configs" / "tokenizer" / "imagenet_f16_looc.yaml"
+    path = ROOT / "configs" / "tokenizer" / f"imagenet_f16_{kind}.yaml"
     source = miniature_source(parse_yaml(path.read_text())["data"], tmp_path, 40)
     monkeypatch.setenv("TORCH_HOME", str(vgg_torch_home))
     launch_two_processes(
@@ -117,5 +128,5 @@ def test_the_imagenet_recipe_as_shipped_waits_once_per_step(tmp_path, vgg_torch_
         assert reads == {"engine/run.py:_agree": 1}
         assert collectives == {
             "engine/run.py:_agree → accelerate/utils/operations.py:_reduce_across_processes": 1,
-            "tokenizer/quantizers/distributed.py:sum_counts_and_pick_anchors": 1,
+            QUANTIZER_COLLECTIVE[kind]: 1,
         }
