@@ -373,9 +373,7 @@ def bench_codebooks(args, device) -> list[dict]:
                     continue
                 r = json.loads(done.stdout.strip().splitlines()[-1])
                 dense = n * k * 4 / 2**20
-                notes = (
-                    f"dense N×K scores: {dense:,.0f} MiB; extra here: {r['peak'] / 2**20:,.0f} MiB"
-                )
+                notes = f"dense N×K scores: {dense:,.0f} MiB"
                 rows.append(
                     row("codebooks", what, setting, r["seconds"], r["peak"], n, "rows/s", notes)
                 )
