@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from engine.config import check_types, require
-from engine.data import DataConfig, build_dataset
+from engine.data import DataConfig, ReadableItems, build_dataset, collate_readable
 from engine.distributed import main_process_decides
 from engine.fid import inception_features
 from pipelines.sampling import image_labels, is_conditional, sample_images
@@ -216,15 +216,24 @@ def reference_features(
     if max_images is not None and len(dataset) > max_images:  # a fixed random subset
         perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
         chosen = sorted(perm[:max_images].tolist())
-    mine = list(range(len(chosen)))[accelerator.process_index :: accelerator.num_processes]
-    parts = {"features": [], "labels": []}
-    loader = DataLoader(Subset(dataset, [chosen[i] for i in mine]), batch_size=batch_size)
+    mine = chosen[accelerator.process_index :: accelerator.num_processes]
+    parts, ids, unreadable = {"features": [], "labels": []}, [], []
+    # an unreadable image is left out, never replaced by another one
+    loader = DataLoader(
+        Subset(ReadableItems(dataset), mine), batch_size=batch_size, collate_fn=collate_readable
+    )
     for batch in tqdm(
         loader, desc=f"reference features ({part})", disable=not accelerator.is_local_main_process
     ):
+        unreadable += batch["unreadable"]
+        if not len(batch["index"]):
+            continue
         parts["features"].append(inception_features(inception, batch["pixel_values"])["2048"])
         parts["labels"].append(torch.as_tensor(batch["label"]).long())
-    found = gather_in_order(accelerator, mine, _concat(parts, {"features": 2048, "labels": 0}))
+        ids += batch["index"].tolist()
+    if unreadable:
+        print(f"{len(unreadable)} unreadable reference image(s) left out, e.g. {unreadable[:3]}")
+    found = gather_in_order(accelerator, ids, _concat(parts, {"features": 2048, "labels": 0}))
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".partial{os.getpid()}")

@@ -3,19 +3,23 @@ safetensors files, and the diffusion model trains on :class:`LatentCache`, which
 
 A cache folder holds::
 
-    shard-00000.safetensors  items [0, shard_size): "latents" (n×C×h×w, float32 / bfloat16 /
-                             float16), "labels" (n int64); its metadata holds the count, mean
-                             and sum of squared deviations of its latent values (float64)
-    shard-00001.safetensors  items [shard_size, 2·shard_size), ...
+    shard-00000.safetensors  the readable images among images [0, S) of the part (S =
+                             shard_size, or shard_size / 2 with flips): "latents" (n×C×h×w,
+                             float32 / bfloat16 / float16), "labels" (n int64); its metadata
+                             holds its image range, the names of its unreadable images and the
+                             count, mean and sum of squared deviations of its latent values
+    shard-00001.safetensors  the readable images among images [S, 2·S), ...
     pending.json             the build settings, written first (marks a partial cache)
     metadata.json            written atomically last (marks a complete cache; pending.json goes):
-                             settings, shapes, label range and the latents' mean and std
+                             settings, items per shard, shapes, label range, the latents' mean
+                             and std, and the unreadable images left out
 
-Item order: the dataset part in its own order; with ``flips`` item 2i is image i and item 2i + 1
-its mirror image (both from one decode), 2N items in all. Opening a cache reads metadata.json
-only; every process maps the shards (the operating system shares their pages), so a cache costs
-each process a small constant, whatever its size. Builds are resumable (finished shards are kept)
-but one cache folder takes one build at a time.
+Item order: the readable images of the part in its own order (an unreadable image is left out,
+never replaced); with ``flips`` item 2i is readable image i and item 2i + 1 its mirror image
+(both from one decode). Opening a cache reads metadata.json only; every process maps the shards
+(the operating system shares their pages), so a cache costs each process a small constant,
+whatever its size. Builds are resumable (finished shards are kept) but one cache folder takes
+one build at a time.
 """
 
 from __future__ import annotations
@@ -40,11 +44,13 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from engine.config import from_mapping, require
-from engine.data import PARTS, DataConfig, build_dataset
+from engine.data import PARTS, DataConfig, ReadableItems, build_dataset, collate_readable
 from engine.distributed import main_process_decides
 from tokenizer.model import VQTokenizer
 
-FORMAT = 2  # 1: float32 only, mirror images in a second half, no statistics
+# 1: float32 only, mirror images in a second half, no statistics; 2: shards of shard_size items,
+# an unreadable image replaced by the next one
+FORMAT = 3
 METADATA, PENDING = "metadata.json", "pending.json"
 SETTINGS = (
     "format",
@@ -154,14 +160,35 @@ def _shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
 
 
-def _shard_ok(path: Path, size: int) -> bool:
-    """Whether the finished shard ``path`` exists, opens and holds ``size`` items."""
+def _images_per_shard(shard_size: int, flips: bool) -> int:
+    return shard_size // 2 if flips else shard_size
+
+
+def _images(k: int, shard_size: int, flips: bool, images: int) -> range:
+    """The images of the part (``images`` in all) that shard ``k`` covers."""
+    step = _images_per_shard(shard_size, flips)
+    return range(k * step, min((k + 1) * step, images))
+
+
+def _shard_names(images: int, shard_size: int, flips: bool) -> list[str]:
+    count = math.ceil(images / _images_per_shard(shard_size, flips))
+    return [_shard_name(k) for k in range(count)]
+
+
+def _shard_ok(path: Path, images: range) -> bool:
+    """Whether the finished shard ``path`` exists, opens and is the one of ``images``."""
     if not path.is_file():
         return False
     try:
         with safe_open(str(path), framework="pt") as shard:
             sizes = {shard.get_slice(k).get_shape()[0] for k in ("latents", "labels")}
-        problem = None if sizes == {size} else f"it does not hold {size} items"
+            covered = shard.metadata()["images"]
+        expected = f"{images.start},{images.stop}"
+        problem = None
+        if covered != expected:
+            problem = f"it holds images [{covered}), not [{expected})"
+        elif len(sizes) != 1:
+            problem = "its latents and labels differ in number"
     except Exception as err:  # noqa: BLE001 - any failure means "re-encode it"
         problem = str(err)
     if problem:
@@ -172,6 +199,8 @@ def _shard_ok(path: Path, size: int) -> bool:
 def _moments(values: torch.Tensor) -> tuple[int, float, float]:
     """(count, mean, sum of squared deviations) of every value, in float64."""
     x = values.double()
+    if not x.numel():
+        return 0, 0.0, 0.0
     mean = x.mean()
     return x.numel(), mean.item(), (x - mean).square().sum().item()
 
@@ -179,6 +208,8 @@ def _moments(values: torch.Tensor) -> tuple[int, float, float]:
 def _merge(a: tuple[int, float, float], b: tuple[int, float, float]) -> tuple[int, float, float]:
     """Chan et al.'s pairwise update: the moments of two sets from theirs (exact, stable)."""
     n = a[0] + b[0]
+    if not n:
+        return a
     delta = b[1] - a[1]
     return n, a[1] + delta * b[0] / n, a[2] + b[2] + delta * delta * a[0] * b[0] / n
 
@@ -189,7 +220,6 @@ def _encode_shards(
     dataset: Dataset,
     root: Path,
     shards: list[int],
-    count: int,
     shard_size: int,
     flips: bool,
     quantized: bool,
@@ -199,17 +229,20 @@ def _encode_shards(
     device: torch.device,
     autocast: Callable[[], Any],
 ) -> None:
-    """Encode and write ``shards``: item j is image j // 2, mirrored when j is odd (flips), else
-    image j. Images are decoded once by ``num_workers`` loader workers; the encoder runs under
-    ``autocast()`` (the quantizer searches in float32 whatever autocast says)."""
-    per_image = 2 if flips else 1
-    chunks = []  # image ranges, none crossing a shard
+    """Encode and write ``shards`` (see the module docstring for what each holds). Images are
+    decoded once by ``num_workers`` loader workers; an unreadable one is left out and named in
+    its shard. The encoder runs under ``autocast()`` (the quantizer searches in float32 whatever
+    autocast says)."""
+    chunks, owner = [], []  # image ranges of at most batch_size, none crossing a shard
     for k in shards:
-        first, last = k * shard_size // per_image, min((k + 1) * shard_size, count) // per_image
-        chunks += [range(s, min(s + batch_size, last)) for s in range(first, last, batch_size)]
+        images = _images(k, shard_size, flips, len(dataset))
+        for start in range(images.start, images.stop, batch_size):
+            chunks.append(list(range(start, min(start + batch_size, images.stop))))
+            owner.append(k)
     loader = DataLoader(
-        dataset,
-        batch_sampler=[list(c) for c in chunks],
+        ReadableItems(dataset),
+        batch_sampler=chunks,
+        collate_fn=collate_readable,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         # a private generator: processes encode different numbers of shards, and must not leave
@@ -218,55 +251,83 @@ def _encode_shards(
     )
     latents: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []  # of the shard being encoded
-    for chunk, batch in zip(chunks, loader):
-        x = batch["pixel_values"].to(device, non_blocking=True)
-        y = batch["label"].long()
-        if flips:
-            x = torch.cat([x, x.flip(-1)])
-        with autocast():
-            h = tokenizer.encode(x).latents
-        # the quantizer gets float32 latents, so z_q holds its float32 codes exactly
-        z = tokenizer.quantize(h.float()).z_q if quantized else h.float()
-        if flips:  # image i, then its mirror image
-            z = torch.stack([z[: len(y)], z[len(y) :]], 1).flatten(0, 1)
-            y = y.repeat_interleave(2)
-        latents.append(z.to(dtype).cpu())
-        labels.append(y)
-        end = chunk.stop * per_image
-        if end % shard_size == 0 or end == count:  # the shard is done
-            write_shard(root, (end - 1) // shard_size, torch.cat(latents), torch.cat(labels))
-            latents, labels = [], []
+    unreadable: list[str] = []
+    for i, batch in enumerate(loader):
+        unreadable += batch["unreadable"]
+        if len(batch["index"]):
+            x = batch["pixel_values"].to(device, non_blocking=True)
+            y = batch["label"].long()
+            if flips:
+                x = torch.cat([x, x.flip(-1)])
+            with autocast():
+                h = tokenizer.encode(x).latents
+            # the quantizer gets float32 latents, so z_q holds its float32 codes exactly
+            z = tokenizer.quantize(h.float()).z_q if quantized else h.float()
+            if flips:  # image i, then its mirror image
+                z = torch.stack([z[: len(y)], z[len(y) :]], 1).flatten(0, 1)
+                y = y.repeat_interleave(2)
+            latents.append(z.to(dtype).cpu())
+            labels.append(y)
+        k = owner[i]
+        if i + 1 == len(chunks) or owner[i + 1] != k:  # the shard is done
+            images = _images(k, shard_size, flips, len(dataset))
+            write_shard(root, k, latents, labels, images, unreadable)
+            latents, labels, unreadable = [], [], []
 
 
-def write_shard(root: Path, k: int, latents: torch.Tensor, labels: torch.Tensor) -> None:
-    """Shard ``k`` with the moments of its latent values in its metadata, written atomically (a
-    killed run never leaves a half shard under the real name)."""
+def write_shard(
+    root: Path,
+    k: int,
+    latents: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    images: range,
+    unreadable: list[str] = (),
+) -> None:
+    """Shard ``k`` of ``images`` (batches of latents and labels; none if every image was
+    unreadable), with its image range, the names of its ``unreadable`` images and the moments
+    of its latent values in its metadata, written atomically (a killed run never leaves a half
+    shard under the real name)."""
     path = root / _shard_name(k)
     tmp = path.with_name(path.name + ".tmp")
-    n, mean, m2 = _moments(latents)
-    save_file(
-        {"latents": latents.contiguous(), "labels": labels.long().contiguous()},
-        tmp,
-        metadata={"count": str(n), "mean": repr(mean), "m2": repr(m2)},
-    )
+    z = torch.cat(latents) if latents else torch.zeros(0)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    n, mean, m2 = _moments(z)
+    metadata = {
+        "count": str(n),
+        "mean": repr(mean),
+        "m2": repr(m2),
+        "images": f"{images.start},{images.stop}",
+        "unreadable": json.dumps(list(unreadable)),
+    }
+    save_file({"latents": z.contiguous(), "labels": y.long().contiguous()}, tmp, metadata=metadata)
     os.replace(tmp, path)
 
 
 def _summary(root: Path, names: list[str]) -> dict[str, Any]:
-    """Shapes, label range and the latents' mean and std, from the shards' headers and labels
-    (one small read per shard)."""
-    moments, lows, highs = (0, 0.0, 0.0), [], []
+    """Items per shard, shapes, label range, the latents' mean and std and the unreadable
+    images, from the shards' headers and labels (one small read per shard)."""
+    moments, lows, highs, counts, unreadable, shape = (0, 0.0, 0.0), [], [], [], [], None
     for name in names:
         with safe_open(str(root / name), framework="pt") as shard:
-            shape = list(shard.get_slice("latents").get_shape()[1:])
             meta = shard.metadata()
-            moments = _merge(moments, (int(meta["count"]), float(meta["mean"]), float(meta["m2"])))
             labels = shard.get_tensor("labels")
-        lows.append(int(labels.min()))
-        highs.append(int(labels.max()))
+            if len(labels):
+                shape = list(shard.get_slice("latents").get_shape()[1:])
+        moments = _merge(moments, (int(meta["count"]), float(meta["mean"]), float(meta["m2"])))
+        counts.append(len(labels))
+        unreadable += json.loads(meta["unreadable"])
+        if len(labels):
+            lows.append(int(labels.min()))
+            highs.append(int(labels.max()))
+    if shape is None:
+        raise ValueError(f"no image of the data could be read: {unreadable[:5]} ...")
     low, high = min(lows), max(highs)
     has_labels = low >= 0
     return {
+        "count": sum(counts),
+        "shard_counts": counts,
+        "unreadable": len(unreadable),
+        "unreadable_examples": unreadable[:20],
         "latent_shape": shape,
         "latent_mean": moments[1],
         "latent_std": math.sqrt(moments[2] / max(moments[0] - 1, 1)),
@@ -347,12 +408,12 @@ def build_latent_cache(
         return _open(root, rank)
     with accelerator.local_main_process_first() if accelerator else contextlib.nullcontext():
         dataset = build_dataset(config, part)  # the local main process lists the data first
-    count = len(dataset) * (2 if flips else 1)
+    images = len(dataset)
     if previous is not None:
-        if previous["count"] != count:
+        if previous["images"] != images:
             raise _stale(
                 root,
-                f"a partial cache of {previous['count']} items, not {count} (the data changed)",
+                f"a partial cache of {previous['images']} images, not {images} (the data changed)",
             )
         if previous["shard_size"] != shard_size:
             warnings.warn(
@@ -362,13 +423,13 @@ def build_latent_cache(
             shard_size = previous["shard_size"]
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        _write_json(root / PENDING, {**settings, "count": count, "shard_size": shard_size})
+        _write_json(root / PENDING, {**settings, "images": images, "shard_size": shard_size})
     barrier()
-    names = [_shard_name(k) for k in range(math.ceil(count / shard_size))]
+    names = _shard_names(images, shard_size, flips)
     todo = [
         k
         for k in range(rank, len(names), world)
-        if not _shard_ok(root / names[k], min(shard_size, count - k * shard_size))
+        if not _shard_ok(root / names[k], _images(k, shard_size, flips, images))
     ]
     if todo:
         device = accelerator.device if accelerator else next(tokenizer.parameters()).device
@@ -381,7 +442,6 @@ def build_latent_cache(
                 dataset,
                 root,
                 todo,
-                count,
                 shard_size,
                 flips,
                 quantized,
@@ -395,22 +455,20 @@ def build_latent_cache(
             tokenizer.train(was_training)
     barrier()
     if rank == 0:
-        complete_cache(root, settings, len(dataset), count, shard_size)
+        complete_cache(root, settings, images, shard_size)
     barrier()
     return _open(root, rank)
 
 
-def complete_cache(
-    root: Path, settings: dict[str, Any], dataset_size: int, count: int, shard_size: int
-) -> None:
-    """Write metadata.json for the finished shards in ``root`` (which marks the cache complete)."""
-    names = [_shard_name(k) for k in range(math.ceil(count / shard_size))]
+def complete_cache(root: Path, settings: dict[str, Any], images: int, shard_size: int) -> None:
+    """Write metadata.json for the finished shards of the ``images`` of the part in ``root``
+    (which marks the cache complete)."""
+    names = _shard_names(images, shard_size, settings["flips"])
     _write_json(
         root / METADATA,
         {
             **settings,
-            "dataset_size": dataset_size,
-            "count": count,
+            "dataset_size": images,
             "shard_size": shard_size,
             "shards": names,
             **_summary(root, names),
@@ -479,7 +537,7 @@ class LatentCache(Dataset):
                 "scripts/train_diffusion.py again (it encodes the data into that folder)"
             )
         self.metadata: dict[str, Any] = metadata
-        self.shard_size = metadata["shard_size"]
+        self.starts = np.cumsum([0, *metadata["shard_counts"]])  # each shard's first item
         self._maps: list[dict[str, torch.Tensor]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # a loader worker maps the files itself
@@ -488,17 +546,14 @@ class LatentCache(Dataset):
     def _shards(self) -> list[dict[str, torch.Tensor]]:
         if self._maps is None:
             maps = [_map_shard(self.root / name) for name in self.metadata["shards"]]
-            shape = [
-                len(maps[-1]["labels"]) + self.shard_size * (len(maps) - 1),
-                *maps[0]["latents"].shape[1:],
-            ]
-            expected = [self.metadata["count"], *self.metadata["latent_shape"]]
-            if shape != expected:
-                raise ValueError(
-                    f"{self.root} is damaged: its shards hold latents of shape "
-                    f"{shape}, metadata says {expected}; delete it and build it "
-                    "again"
-                )
+            for name, m, n in zip(self.metadata["shards"], maps, self.metadata["shard_counts"]):
+                shape = [n, *self.metadata["latent_shape"]]
+                if len(m["labels"]) != n or (n and list(m["latents"].shape) != shape):
+                    raise ValueError(
+                        f"{self.root} is damaged: {name} holds latents of shape "
+                        f"{list(m['latents'].shape)}, metadata says {shape}; delete it and "
+                        "build it again"
+                    )
             self._maps = maps
         return self._maps
 
@@ -508,8 +563,9 @@ class LatentCache(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"latent cache index {i} out of range 0..{len(self) - 1}")
-        shard = self._shards()[(i % len(self)) // self.shard_size]
-        row = (i % len(self)) % self.shard_size
+        i %= len(self)
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        shard, row = self._shards()[k], i - int(self.starts[k])
         return {"latents": shard["latents"][row].float(), "label": shard["labels"][row]}
 
     def load(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -347,6 +347,15 @@ def train_diffusion(
             f"pipeline exported to {last} (best validation: {last}-best; latent "
             f"scaling_factor {scale:.4f})"
         )
+        unreadable = [c.metadata["unreadable"] for c in (cache, held_out)]
+        if sum(unreadable):
+            examples = (
+                cache.metadata["unreadable_examples"] + held_out.metadata["unreadable_examples"]
+            )
+            accelerator.print(
+                f"{sum(unreadable)} unreadable file(s) were left out of the latent caches "
+                f"({unreadable[0]} training, {unreadable[1]} validation), e.g. {examples[:3]}"
+            )
     accelerator.end_training()
     return last
 

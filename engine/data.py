@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 
 from .config import check_types, from_mapping, require
@@ -317,30 +317,42 @@ class ImageDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, torch.Tensor]:
         i, seed = item if isinstance(item, tuple) else (item, None)
         for k in range(len(self.indices)):  # an undecodable image is replaced by the next one
-            j = int(self.indices[(i + k) % len(self.indices)])
-            if j in self._bad:
-                continue
-            try:
-                image, label = self.reader.load(j)
-                if isinstance(image, Image.Image):
-                    image = to_mode(image, self.channels)
-            except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"
-                name = self.reader.name(j)
-                if self.strict:
-                    raise UnreadableImageError(
-                        f"unreadable image {name} ({err}); remove the "
-                        "file or set strict: false to skip unreadable "
-                        "images"
-                    ) from err
-                warnings.warn(f"skipping unreadable image {name} ({err})", stacklevel=2)
-                self._bad.add(j)
-                self.skipped.append(name)
-                continue
-            return {
-                "pixel_values": self._augment(image, seed),
-                "label": torch.tensor(label, dtype=torch.long),
-            }
+            out = self._load(int(self.indices[(i + k) % len(self.indices)]), seed)
+            if "unreadable" not in out:
+                return out
         raise RuntimeError("no readable image left in this dataset")
+
+    def readable(self, i: int) -> dict[str, Any]:
+        """Item ``i`` as it is, never replaced: its tensors and ``index`` i, or ``{"unreadable":
+        its name}``. For what must count images exactly (the latent cache, FID's reference),
+        through :class:`ReadableItems` and :func:`collate_readable`."""
+        out = self._load(int(self.indices[i]), None)
+        return out if "unreadable" in out else {**out, "index": torch.tensor(i)}
+
+    def _load(self, j: int, seed: int | None) -> dict[str, Any]:
+        """Source item ``j`` decoded and transformed, or ``{"unreadable": its name}`` (named in
+        ``skipped``, with a warning; with ``strict``, raised)."""
+        if j in self._bad:
+            return {"unreadable": self.reader.name(j)}
+        try:
+            image, label = self.reader.load(j)
+            if isinstance(image, Image.Image):
+                image = to_mode(image, self.channels)
+        except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"
+            name = self.reader.name(j)
+            if self.strict:
+                raise UnreadableImageError(
+                    f"unreadable image {name} ({err}); remove the file or set strict: false to "
+                    "skip unreadable images"
+                ) from err
+            warnings.warn(f"skipping unreadable image {name} ({err})", stacklevel=3)
+            self._bad.add(j)
+            self.skipped.append(name)
+            return {"unreadable": name}
+        return {
+            "pixel_values": self._augment(image, seed),
+            "label": torch.tensor(label, dtype=torch.long),
+        }
 
     def _augment(self, image: Any, seed: int | None) -> torch.Tensor:
         if seed is None:
@@ -348,6 +360,29 @@ class ImageDataset(Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(image)
+
+
+class ReadableItems(Dataset):
+    """The items of an :class:`ImageDataset` as :meth:`ImageDataset.readable` gives them (an
+    unreadable image stays a gap, never the next image), to load with
+    :func:`collate_readable`."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.dataset.readable(i)
+
+
+def collate_readable(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A batch of the readable items (``pixel_values``, ``label``, ``index``: which items they
+    are) and the names of the ``unreadable`` ones."""
+    good = [item for item in items if "unreadable" not in item]
+    batch = default_collate(good) if good else {"index": torch.zeros(0, dtype=torch.long)}
+    return {**batch, "unreadable": [item["unreadable"] for item in items if "unreadable" in item]}
 
 
 class _Reader:

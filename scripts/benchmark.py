@@ -749,8 +749,9 @@ def _synthetic_cache(root: Path, count: int, shape=(4, 32, 32)) -> None:
         write_shard(
             root,
             k,
-            torch.randn(n, *shape, generator=generator),
-            torch.randint(0, 1000, (n,), generator=generator),
+            [torch.randn(n, *shape, generator=generator)],
+            [torch.randint(0, 1000, (n,), generator=generator)],
+            range(start, start + n),
         )
     settings = {
         "format": FORMAT,
@@ -761,7 +762,7 @@ def _synthetic_cache(root: Path, count: int, shape=(4, 32, 32)) -> None:
         "dtype": "float32",
         "precision": "no",
     }
-    complete_cache(root, settings, count, count, shard_size)
+    complete_cache(root, settings, count, shard_size)
 
 
 def bench_cache(args, device) -> list[dict]:

@@ -302,3 +302,23 @@ def test_one_decision_when_only_one_process_sees_the_cached_reference(
         assert ranks == [{"cached": True, "features": 6}, {"cached": True, "features": 0}]
     else:  # the main process has no cache: both compute their shares and gather
         assert ranks == [{"cached": False, "features": 6}, {"cached": False, "features": 6}]
+
+
+def test_reference_leaves_unreadable_images_out(tmp_path, fake_inception_file):
+    from diffusion.evaluate import reference_features
+    from tests.diffusion.test_latent_cache import bad_folder
+
+    data = DataConfig(source=str(bad_folder(tmp_path / "images")), resolution=16, validation_size=1)
+    part = build_dataset(data, "train")
+    readable = [i for i in range(len(part)) if "unreadable" not in part.readable(i)]
+    assert len(part) == 21 and len(readable) < 21  # some of the 4 bad files are in this part
+    reference = reference_features(
+        data,
+        "train",
+        load_inception(fake_inception_file),
+        Accelerator(cpu=True),
+        weights="fake",
+        cache_dir=tmp_path / "cache",
+    )
+    assert len(reference.features) == len(readable)
+    assert len(torch.unique(reference.features, dim=0)) == len(readable), "an image twice"

@@ -3,6 +3,7 @@ a two-process build (tiny tokenizer, the embedded digits, CPU)."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,7 +82,7 @@ def test_round_trip_and_metadata(tokenizer, data, built):
     assert torch.equal(item["latents"], cache.load()[0][5]) and item["label"] == labels[5]
     meta = json.loads((root / "metadata.json").read_text())
     assert meta == cache.metadata
-    assert meta["complete"] is True and meta["format"] == 2
+    assert meta["complete"] is True and meta["format"] == 3
     assert meta["tokenizer_fingerprint"] == tokenizer_fingerprint(tokenizer)
     assert (
         meta["tokenizer_config"]["embed_dim"] == 4
@@ -232,11 +233,12 @@ def test_cache_of_an_older_format_is_refused_with_the_rebuild_command(
     root = tmp_path / "old"
     shutil.copytree(built[0], root)
     meta = json.loads((root / "metadata.json").read_text())
-    (root / "metadata.json").write_text(json.dumps({**meta, "format": 1}))
-    with pytest.raises(StaleCacheError, match=f"format 1.*rm -r {root}.*train_diffusion"):
-        LatentCache(root)
-    with pytest.raises(StaleCacheError, match="format 1 vs 2"):
-        build_latent_cache(tiny_tokenizer(), DATA, root, shard_size=SHARD)
+    for old in (1, 2):  # 2: an unreadable image's slot filled with the next image
+        (root / "metadata.json").write_text(json.dumps({**meta, "format": old}))
+        with pytest.raises(StaleCacheError, match=f"format {old}.*rm -r {root}.*train_diffusion"):
+            LatentCache(root)
+        with pytest.raises(StaleCacheError, match=f"format {old} vs 3"):
+            build_latent_cache(tiny_tokenizer(), DATA, root, shard_size=SHARD)
 
 
 def test_items_and_batches_read_the_mapped_shards(built):
@@ -292,3 +294,66 @@ def test_two_process_build_matches_single_process(built, tmp_path):
     assert torch.equal(cache.load()[0], built[1].load()[0])
     assert torch.equal(cache.load()[1], built[1].load()[1])
     assert sorted(os.listdir(root)) == sorted(os.listdir(built[0]))
+
+
+def bomb_png() -> bytes:
+    """A PNG whose header says 20,000 × 20,000 pixels (PIL refuses it as a decompression bomb
+    on opening), without the data."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", 20000, 20000)  # IHDR's width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # its CRC
+    return bytes(data)
+
+
+def bad_folder(root):
+    """18 distinct readable images and one of each kind of unreadable file."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir()
+    for i in range(18):
+        pixels = np.random.default_rng(i).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"good{i:02d}.png")
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 7, np.uint8)).save(buffer, "JPEG")
+    (root / "empty.png").write_bytes(b"")
+    (root / "truncated.jpg").write_bytes(buffer.getvalue()[:300])
+    (root / "text.png").write_text("not an image")
+    (root / "huge.png").write_bytes(bomb_png())
+    return root
+
+
+@pytest.mark.parametrize("flips", [False, True])
+def test_unreadable_images_are_left_out_never_replaced(tmp_path, tiny_tokenizer, flips):
+    data = {"source": str(bad_folder(tmp_path / "images")), "resolution": 16, "validation_size": 3}
+    tokenizer, per_image = tiny_tokenizer(), 2 if flips else 1
+    caches = [
+        build_latent_cache(tokenizer, data, tmp_path / part, part=part, shard_size=4, flips=flips)
+        for part in ("train", "validation")
+    ]
+    listed = sum(c.metadata["dataset_size"] for c in caches)
+    assert listed == 22  # every file listed, 4 unreadable
+    assert sum(c.metadata["unreadable"] for c in caches) == 4
+    names = sorted(Path(n).name for c in caches for n in c.metadata["unreadable_examples"])
+    assert names == ["empty.png", "huge.png", "text.png", "truncated.jpg"]
+    rows = torch.cat([c.load()[0] for c in caches])
+    assert len(rows) == sum(len(c) for c in caches) == 18 * per_image  # readable ones only
+    originals = rows[::per_image].flatten(1)
+    assert len(torch.unique(originals, dim=0)) == 18, "a latent appears twice"
+    for cache in caches:  # each item is the image it says it is: encoded again directly
+        dataset = build_dataset({**data, "flip": False}, cache.metadata["part"])
+        good = [
+            item for i in range(len(dataset)) if "unreadable" not in (item := dataset.readable(i))
+        ]
+        expected = encode(tokenizer, torch.stack([item["pixel_values"] for item in good]))
+        assert torch.equal(cache.load()[0][::per_image], expected)

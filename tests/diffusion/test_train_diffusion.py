@@ -222,3 +222,16 @@ def test_every_shipped_diffusion_config_is_valid(path):
 
 
 # two processes: tests/end_to_end/test_fault_tolerance.py (reference run, SIGKILL, resume)
+
+
+def test_unreadable_images_are_left_out_and_counted(tmp_path, tokenizer_dir):
+    from tests.diffusion.test_latent_cache import bad_folder
+
+    config = write_config(tmp_path / "c.yaml", max_steps=1, validation_steps=1)
+    folder = bad_folder(tmp_path / "images")
+    done = run(
+        config, tokenizer_dir, tmp_path / "run", f"data.source={folder}", "data.validation_size=2"
+    )
+    assert "4 unreadable file(s) were left out of the latent caches" in done.stdout + done.stderr
+    caches = [LatentCache(tmp_path / "run" / name) for name in ("latents", "latents-validation")]
+    assert sum(len(c) for c in caches) == 18  # the readable images, each once
