@@ -62,6 +62,7 @@ from .checkpoints import (
 from .config import ConfigError, check_types, require, to_mapping
 from .data import UnreadableImageError
 from .distributed import mean_over_processes
+from .lock import lock_output_dir, release_folders
 from .streaming import ImageStream, stream_batches
 
 
@@ -172,7 +173,8 @@ def start_accelerator(train: Any, output_dir: str | Path) -> Accelerator:
     disagree, the recipe wins with a one-line warning naming both. The values in effect are
     written back into ``train`` (so the saved config.yaml says what ran). Trackers:
     ``train.report_to`` with logs under OUTPUT_DIR/logs. The precision is checked against the
-    device and every random generator seeded with ``train.seed`` plus the process index."""
+    device and every random generator seeded with ``train.seed`` plus the process index. The
+    main process locks ``output_dir`` (:mod:`engine.lock`): one run per folder."""
     overridden = []
     for key, (env, flag) in LAUNCHER.items():
         recipe, launcher = getattr(train, key), os.environ.get(env)
@@ -212,6 +214,7 @@ def start_accelerator(train: Any, output_dir: str | Path) -> Accelerator:
     # each process its own random stream (diffusion noise, CVQ anchor draws, label dropout);
     # weights start equal anyway, ``prepare`` broadcasts process 0's
     set_seed(train.seed, device_specific=True)
+    lock_output_dir(accelerator, output_dir)  # before anything is written there
     return accelerator
 
 
@@ -598,3 +601,5 @@ def run_training(train: Callable[[], object], errors: tuple[type[Exception], ...
         print(e, file=sys.stderr)
     except RUN_ERRORS + errors as e:
         sys.exit(f"error: {e}")
+    finally:
+        release_folders()
