@@ -2,17 +2,20 @@
 carries the FID in ``model-index``).
 
     python scripts/push_to_hub.py --pipeline runs/cin/pipeline --hub_model_id you/cin-ldm \
-        [--hub_private_repo] [--hub_token TOKEN]
+        [--hub_private_repo]
 
-Only the pipeline folder goes up (code, weights, model card, training configs): never
-checkpoints, latents or logs. ``train_diffusion.py --push_to_hub`` does the same at the end of
-training. The token is the one of ``huggingface-cli login`` unless given.
+Only the pipeline's own files go up (model_index.json, the components' configs, weights and code,
+the pipeline's code, the model card, the training configs), with no path of this machine in
+them: never checkpoints, latents, logs or anything else left in the folder.
+``train_diffusion.py --push_to_hub`` does the same at the end of training. The token is the
+HF_TOKEN environment variable's or that of ``hf auth login``; ``--hub_token`` works but warns:
+the command line is echoed when a run fails.
 """
 
 import argparse
 import sys
 
-from pipelines.hub import HubPushError, push_to_hub
+from pipelines.hub import HubPushError, push_to_hub, warn_hub_token
 
 
 def main() -> None:
@@ -20,8 +23,13 @@ def main() -> None:
     parser.add_argument("--pipeline", required=True, help="DIR/pipeline of train_diffusion.py")
     parser.add_argument("--hub_model_id", required=True, help="the repository, e.g. you/cin-ldm")
     parser.add_argument("--hub_private_repo", action="store_true", help="create it private")
-    parser.add_argument("--hub_token", help="default: the huggingface-cli login token")
+    parser.add_argument(
+        "--hub_token",
+        help="default: HF_TOKEN's or `hf auth login`'s; given here, it warns (the command line "
+        "is echoed when a run fails)",
+    )
     args = parser.parse_args()
+    warn_hub_token(args.hub_token)
     try:
         url = push_to_hub(
             args.pipeline, args.hub_model_id, private=args.hub_private_repo, token=args.hub_token

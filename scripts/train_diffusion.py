@@ -10,44 +10,30 @@ scheduler, with the measured latent scaling_factor) is exported to DIR/pipeline,
 best validation loss to DIR/pipeline-best; ``--push_to_hub`` publishes DIR/pipeline.
 """
 
-import argparse
-import sys
 from pathlib import Path
 
 from accelerate import PartialState
 
 from diffusion.latent_cache import StaleCacheError
 from diffusion.train import DiffusionConfig, train_diffusion
-from engine.config import ConfigError, load_config
+from engine.cli import parse_training, training_parser
 from engine.run import run_training
-from pipelines.hub import HubPushError, push_to_hub
+from pipelines.hub import HubPushError, push_to_hub, warn_hub_token
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (configs/diffusion/*.yaml)")
+    parser = training_parser(__doc__, "configs/diffusion")
     parser.add_argument("--tokenizer", required=True, help="DIR/tokenizer from stage one")
-    parser.add_argument("--output_dir", "--output-dir", help="default: runs/<config name>")
-    parser.add_argument(
-        "--resume_from_checkpoint", help='"latest", a checkpoint-N name or a checkpoint folder'
-    )
-    parser.add_argument("--report_to", help="the train.report_to tracker: tensorboard, wandb, …")
     parser.add_argument(
         "--push_to_hub", action="store_true", help="publish DIR/pipeline at the end of training"
     )
     parser.add_argument("--hub_model_id", help="the repository (default: the output folder name)")
     parser.add_argument("--hub_private_repo", action="store_true")
-    parser.add_argument("--hub_token", help="default: the huggingface-cli login token")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
-    args = parser.parse_args()
-    try:
-        overrides = args.overrides + (
-            [f"train.report_to={args.report_to}"] if args.report_to else []
-        )
-        config = load_config(args.config, overrides, DiffusionConfig)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)
+    parser.add_argument(
+        "--hub_token", help="default: HF_TOKEN or the `hf auth login` token (safer: not echoed)"
+    )
+    args, config, output_dir = parse_training(parser, DiffusionConfig)
+    warn_hub_token(args.hub_token)
 
     def train() -> None:
         pipeline = train_diffusion(

@@ -7,33 +7,14 @@ The config is validated before anything is built; the trained tokenizer is expor
 DIR/tokenizer (load it with ``tokenizer.VQTokenizer.from_pretrained``).
 """
 
-import argparse
-import sys
-from pathlib import Path
-
-from engine.config import ConfigError, load_config
+from engine.cli import parse_training, training_parser
 from engine.run import run_training
 from tokenizer.train import TokenizerConfig, train_tokenizer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML config (configs/tokenizer/*.yaml)")
-    parser.add_argument("--output_dir", "--output-dir", help="default: runs/<config name>")
-    parser.add_argument(
-        "--resume_from_checkpoint", help='"latest", a checkpoint-N name or a checkpoint folder'
-    )
-    parser.add_argument("--report_to", help="the train.report_to tracker: tensorboard, wandb, …")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
-    args = parser.parse_args()
-    try:
-        overrides = args.overrides + (
-            [f"train.report_to={args.report_to}"] if args.report_to else []
-        )
-        config = load_config(args.config, overrides, TokenizerConfig)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    output_dir = args.output_dir or str(Path("runs") / Path(args.config).stem)
+    parser = training_parser(__doc__, "configs/tokenizer")
+    args, config, output_dir = parse_training(parser, TokenizerConfig)
     run_training(lambda: train_tokenizer(config, output_dir, resume=args.resume_from_checkpoint))
 
 
