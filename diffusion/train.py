@@ -8,6 +8,8 @@ to encode), ``cache`` (``CacheConfig``), ``train`` (``DiffusionTrainConfig``) an
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +20,8 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from engine.config import ConfigError, check_types, require, to_mapping
-from engine.data import DataConfig, check_source_exists
-from engine.distributed import check_replicas_agree
+from engine.data import IMAGE_CHOICE, DataConfig, check_source_exists, class_names, describe_parts
+from engine.distributed import check_replicas_agree, check_shared_folder
 from engine.run import Run, RunConfig, export, learning_rate, start_accelerator
 from engine.weights import init_from
 from pipelines import (
@@ -142,6 +144,8 @@ class DiffusionTrainConfig(RunConfig):
             f"choose one of {list(LR_SCHEDULERS)}",
         )
         require(0 < self.ema_decay < 1, "train.ema_decay", self.ema_decay, "must be in (0, 1)")
+        require(self.ema_power > 0, "train.ema_power", self.ema_power, "must be > 0")
+        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         require(
             0 <= self.label_dropout < 1,
             "train.label_dropout",
@@ -178,6 +182,28 @@ def load_tokenizer(path: str | Path) -> VQTokenizer:
     return tokenizer.eval().requires_grad_(False)
 
 
+def data_of_tokenizer(data: DataConfig, tokenizer: VQTokenizer) -> tuple[DataConfig, str]:
+    """Stage two reads the images stage one trained on and held out (the tokenizer's recorded
+    ``training_data``) unless the config names a ``data.source``; another source than the
+    tokenizer's is warned about (its codes were learned on other images). Returns the data
+    config and what to say about it."""
+    recorded = tokenizer.config.get("training_data") or {}
+    given = getattr(data, "given", set(IMAGE_CHOICE))  # built in code: everything is given
+    if recorded and "source" not in given:
+        note = (
+            f"data: the tokenizer's training data, {recorded['source']!r} (recorded in its "
+            "config.json; set data.source to read other images)"
+        )
+        return dataclasses.replace(data, **recorded), note
+    if recorded and recorded["source"] != data.source:
+        warnings.warn(
+            f"stage two reads data.source {data.source!r}, but the tokenizer was trained on "
+            f"{recorded['source']!r} (its config.json): its codes were learned on other images",
+            stacklevel=3,
+        )
+    return data, ""
+
+
 def check_compatible(config: DiffusionConfig, tokenizer: VQTokenizer) -> None:
     """The data must be read as the tokenizer was trained."""
     require(
@@ -202,14 +228,19 @@ def train_diffusion(
 ) -> Path:
     """Encode the data once, train the UNet, checkpoint, and export ``output_dir/pipeline``."""
     train = config.train
-    check_source_exists(config.data)  # before anything is built (configs may name absent data)
     output_dir = Path(output_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
+    config.data, note = data_of_tokenizer(config.data, tokenizer)
+    check_source_exists(config.data)  # before anything is built (configs may name absent data)
     check_compatible(config, tokenizer)
     accelerator = start_accelerator(train, output_dir)
+    if note:
+        accelerator.print(note)
     tokenizer.to(accelerator.device)
 
     cache_dir = Path(config.cache.dir or output_dir / "latents")
+    if config.cache.dir:
+        check_shared_folder(accelerator, cache_dir, "cache.dir")
     settings = dict(
         quantized=config.cache.quantized,
         dtype=config.cache.dtype,
@@ -228,6 +259,11 @@ def train_diffusion(
         part="validation",
         **settings,
     )
+    accelerator.print(
+        describe_parts(
+            config.data, cache.metadata["dataset_size"], held_out.metadata["dataset_size"]
+        )
+    )
     scale = measure_scaling_factor(cache)
     tokenizer.register_to_config(scaling_factor=float(scale))  # exported with the pipeline
     num_classes = config.unet.num_classes
@@ -240,6 +276,8 @@ def train_diffusion(
             f"the data's labels span {low}..{high} (a class-conditional model needs every "
             "item labelled in [0, num_classes))",
         )
+    names = class_names(config.data) if num_classes and accelerator.is_main_process else None
+    id2label = dict(enumerate(names[:num_classes])) if names else None  # exported, if any
     channels, side = cache.metadata["latent_shape"][0], cache.metadata["latent_shape"][-1]
     unet = build_unet(config.unet, channels, side)
     if train.init_from:
@@ -274,12 +312,13 @@ def train_diffusion(
         """The EMA pipeline, its card (naming ``folder``) and configs, swapped in atomically."""
 
         def save(tmp: Path) -> None:
-            with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer, num_classes) as pipe:
+            unwrapped = accelerator.unwrap_model(unet)
+            with _ema_pipeline(unwrapped, ema, tokenizer, num_classes, id2label) as pipe:
                 pipe.save_pretrained(tmp)
             conditional = bool(num_classes)
             describe_export(tmp, to_mapping(config), Path(tokenizer_dir), conditional, folder.name)
 
-        return export(folder, save)
+        return export(folder, save, {f"ema.{i}": p for i, p in enumerate(ema.shadow_params)})
 
     noise_schedule = training_scheduler()
     batches = run.batches(cache)
@@ -404,11 +443,13 @@ def _ema_weights(unet, ema: EMAModel):
 
 
 @contextmanager
-def _ema_pipeline(unet, ema: EMAModel, tokenizer: VQTokenizer, num_classes: int):
-    """A pipeline whose UNet holds the EMA weights for the duration of the block."""
+def _ema_pipeline(unet, ema: EMAModel, tokenizer: VQTokenizer, num_classes: int, id2label=None):
+    """A pipeline whose UNet holds the EMA weights for the duration of the block (with the class
+    names ``id2label``, if class-conditional)."""
     cls = ClassConditionalLatentDiffusionPipeline if num_classes else LatentDiffusionPipeline
+    names = {"id2label": id2label} if num_classes else {}
     with _ema_weights(unet, ema) as ema_unet:
-        yield cls(vqvae=tokenizer, unet=ema_unet, scheduler=default_scheduler())
+        yield cls(vqvae=tokenizer, unet=ema_unet, scheduler=default_scheduler(), **names)
 
 
 @torch.no_grad()

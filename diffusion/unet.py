@@ -34,6 +34,15 @@ class UNetConfig:
 
     def __post_init__(self):
         check_types(self, "unet")
+        for key in ("attention_head_dim", "norm_num_groups"):
+            require(getattr(self, key) >= 1, f"unet.{key}", getattr(self, key), "must be >= 1")
+        require(0 <= self.dropout < 1, "unet.dropout", self.dropout, "must be in [0, 1)")
+        require(
+            all(side >= 1 for side in self.attention_resolutions),
+            "unet.attention_resolutions",
+            self.attention_resolutions,
+            "latent sides >= 1 (or [] for no attention)",
+        )
         require(
             len(self.block_out_channels) >= 1 and min(self.block_out_channels) >= 1,
             "unet.block_out_channels",

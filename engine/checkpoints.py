@@ -4,8 +4,9 @@ Checkpoints are ``OUTPUT_DIR/checkpoint-N`` folders (N the steps done), as in di
 examples. One is written into ``checkpoint-N.partial``, completed with a ``complete.json`` marker
 that lists every file and its size, and only then renamed to ``checkpoint-N``: a run killed
 mid-write leaves a ``.partial`` folder that is never picked. On resume the newest checkpoint is
-verified against its marker (files present, sizes equal, safetensors headers readable); a damaged
-one is passed over with a warning for the previous complete one.
+verified against its marker (files present, sizes equal, safetensors headers readable, every other
+state file loadable with ``weights_only``); a damaged one is passed over with a warning for the
+previous complete one.
 
 Nothing is unpickled: models are safetensors, accelerate loads the optimizer, scheduler and RNG
 states with ``torch.load(weights_only=True)``, and our own states (step counter, EMA) are saved
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import load as load_weights_only
 from safetensors import safe_open
 
 from .distributed import any_process
@@ -53,12 +55,16 @@ def _damage(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, {size} were written"
-        if name.endswith(".safetensors"):
-            try:
+        try:
+            if name.endswith(".safetensors"):
                 with safe_open(str(file), framework="pt"):
                     pass
-            except Exception as e:  # safetensors raises its own error types
-                return f"{name} is unreadable ({e})"
+            elif name.endswith((".bin", ".pt", ".pkl")):
+                # optimizer, scheduler, RNG and our states, as they will be loaded
+                # (weights_only; accelerate itself would pass over an RNG file that fails)
+                load_weights_only(file, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - whatever fails to load, the checkpoint is bad
+            return f"{name} does not load ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
     return None
 
 
@@ -121,6 +127,27 @@ def resolve_resume(resume: str | None, directory: Path) -> Path | None:
     return path
 
 
+def _check_shapes(accelerator: Accelerator, path: Path) -> None:
+    """The checkpoint's models must be this run's: the first tensor whose name or shape differs
+    is named (a resume into another architecture), before anything is loaded."""
+    for i, model in enumerate(accelerator._models):
+        file = path / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        if not file.is_file():
+            continue
+        with safe_open(str(file), framework="pt") as saved:
+            shapes = {k: list(saved.get_slice(k).get_shape()) for k in saved.keys()}
+        here = {k: list(v.shape) for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        for name in [*here, *shapes]:
+            if shapes.get(name) != here.get(name):
+                config = path.parent / "config.yaml"
+                raise CheckpointError(
+                    f"{path} holds another architecture than this run builds: {name} is "
+                    f"{shapes.get(name, 'absent')} there, {here.get(name, 'absent')} here; "
+                    f"resume with the config the run was started with ({config}), or start a "
+                    "new --output_dir"
+                )
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path, states: dict[str, Any]) -> None:
     """Load a checkpoint written by ``save_checkpoint`` (all processes)."""
     if list(path.glob("custom_checkpoint_*.pkl")):
@@ -128,6 +155,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, states: dict[str, Any]
             f"{path} was written by an older version that pickled its step "
             "counter; pickles are never loaded. Start a fresh run."
         )
+    _check_shapes(accelerator, path)
     accelerator.load_state(str(path))  # models: safetensors; the rest: weights_only=True
     for name, obj in states.items():
         obj.load_state_dict(torch.load(path / f"{name}.pt", map_location="cpu", weights_only=True))

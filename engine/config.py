@@ -4,7 +4,9 @@ before any work starts."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import re
 import types
 import typing
@@ -45,7 +47,13 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = parse_yaml(path.read_text()) or {}
+    try:
+        data = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:  # a syntax error, or a tag such as !!python/object
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem}); fix that line") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections, got {type(data).__name__}"
@@ -121,12 +129,67 @@ def check_section(section: str, given: Any, hints: dict[str, Any]) -> dict:
             except ValueError:
                 pass
         if key not in hints:
-            raise ConfigError(f"unknown key {section}.{key}; allowed keys: {sorted(hints)}")
+            raise ConfigError(unknown_key(f"{section}.{key}", hints))
         if not _matches(value, hints[key]):
             raise ConfigError(
                 f"{section}.{key} = {value!r} has the wrong type; expected {_describe(hints[key])}"
             )
+        _check_finite(f"{section}.{key}", value)
     return given
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """No config value is infinite or NaN (``.inf`` is never what a run needs)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        raise ConfigError(f"{key} = {value!r} is not allowed; it must be a finite number")
+
+
+# what diffusers' training scripts (train_unconditional.py, train_text_to_image.py, the VQGAN
+# example) call the keys of ours: an unknown key that is one of them gets ours in its message
+DIFFUSERS_NAMES = {
+    "dataset_name": "data.source",
+    "train_data_dir": "data.source",
+    "dataset_config_name": "data.dataset_config_name",
+    "resolution": "data.resolution and model.resolution",
+    "center_crop": "data.crop",
+    "random_flip": "data.flip",
+    "train_batch_size": "train.batch_size",
+    "max_train_steps": "train.max_steps",
+    "num_train_epochs": "train.max_steps",
+    "adam_beta1": "train.adam_betas",
+    "adam_beta2": "train.adam_betas",
+    "adam_weight_decay": "train.weight_decay",
+    "dataloader_num_workers": "train.num_workers",
+    "ema_max_decay": "train.ema_decay",
+    "ema_inv_gamma": "train.ema_power",
+    "use_ema": "train.ema_decay (the EMA is always on)",
+    "validation_epochs": "train.validation_steps",
+    "save_images_epochs": "train.sample_every",
+    "ddpm_num_inference_steps": "train.sample_steps",
+    "output_dir": "the --output_dir option",
+    "logging_dir": "OUTPUT_DIR/logs (fixed)",
+    "resume_from_checkpoint": "the --resume_from_checkpoint option",
+    "checkpoints_total_limit": "train.checkpoints_total_limit",
+    "lr_scheduler": "train.lr_scheduler",
+    "lr_warmup_steps": "train.lr_warmup_steps",
+    "mixed_precision": "train.mixed_precision",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+}
+
+
+def unknown_key(key: str, allowed: Any) -> str:
+    """The message for an unknown ``section.key``: a renamed key's new name, diffusers' name's
+    equivalent, or the closest allowed key, and the allowed keys."""
+    name = key.rsplit(".", 1)[-1]
+    if key in RENAMED:
+        hint = f"renamed {RENAMED[key]}; "
+    elif name in DIFFUSERS_NAMES and not key.endswith(DIFFUSERS_NAMES[name]):
+        hint = f"diffusers' {name!r} is {DIFFUSERS_NAMES[name]} here; "
+    else:
+        close = difflib.get_close_matches(name, sorted(allowed), n=1)
+        hint = f"did you mean {key.rsplit('.', 1)[0]}.{close[0]}? " if close else ""
+    return f"unknown key {key}; {hint}allowed keys: {sorted(allowed)}"
 
 
 def dataclass_hints(cls: type) -> dict[str, Any]:
@@ -149,7 +212,9 @@ def from_mapping(cls: type[C], given: Any, section: str = "") -> C:
     """The config dataclass ``cls`` from a mapping: a YAML section, or a whole YAML file whose
     sections are ``cls``'s dataclass fields (built the same way; a plain ``dict`` field is taken
     as it is). Unknown keys are refused naming the key and what is allowed; the dataclass checks
-    its own types and values in ``__post_init__`` (:func:`check_types`, :func:`require`)."""
+    its own types and values in ``__post_init__`` (:func:`check_types`, :func:`require`). The
+    keys the mapping set are kept in the result's ``given`` attribute (the others are defaults).
+    """
     hints = dataclass_hints(cls)
     given = {} if given is None else given
     if not isinstance(given, dict):
@@ -157,12 +222,18 @@ def from_mapping(cls: type[C], given: Any, section: str = "") -> C:
         raise ConfigError(f"{what} must be a mapping, got {type(given).__name__}")
     unknown = sorted(set(given) - set(hints))
     if unknown and not section:
-        raise ConfigError(f"unknown section(s) {unknown}; allowed sections: {list(hints)}")
+        names = [DIFFUSERS_NAMES.get(u) for u in unknown]
+        hint = "".join(f" ({u!r} is {n} here)" for u, n in zip(unknown, names) if n)
+        raise ConfigError(f"unknown section(s) {unknown}{hint}; allowed sections: {list(hints)}")
     if unknown:
-        key = f"{section}.{unknown[0]}"
-        hint = f"renamed {RENAMED[key]}; " if key in RENAMED else ""
-        raise ConfigError(f"unknown key {key}; {hint}allowed keys: {sorted(hints)}")
+        raise ConfigError(unknown_key(f"{section}.{unknown[0]}", hints))
     if not section:
+        for name, value in given.items():
+            if not dataclasses.is_dataclass(hints[name]) and not isinstance(value, dict | None):
+                raise ConfigError(
+                    f"section {name!r} must be a mapping of keys to values, got "
+                    f"{type(value).__name__} {value!r}"
+                )
         given = {
             name: from_mapping(hint, given.get(name), name)
             if dataclasses.is_dataclass(hint)
@@ -170,11 +241,13 @@ def from_mapping(cls: type[C], given: Any, section: str = "") -> C:
             for name, hint in hints.items()
         }
     try:
-        return cls(**given)
+        config = cls(**given)
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(f"{section}: {e}" if section else str(e)) from None
+    config.__dict__["given"] = frozenset(given)  # the keys the file set (not a field)
+    return config
 
 
 def check_types(config: Any, section: str) -> None:
@@ -193,6 +266,7 @@ def check_types(config: Any, section: str) -> None:
             raise ConfigError(
                 f"{section}.{name} = {value!r} has the wrong type; expected {_describe(hint)}"
             )
+        _check_finite(f"{section}.{name}", value)
 
 
 def to_mapping(config: Any) -> dict:

@@ -5,6 +5,7 @@ and hub datasets can also be streamed (``streaming: true``, see :mod:`engine.str
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import warnings
@@ -19,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision import transforms as T
 
-from .config import check_types, from_mapping, require
+from .config import ConfigError, check_types, from_mapping, require
 from .manifest import Manifest, open_manifest
 
 PARTS = ("train", "validation")
@@ -106,6 +107,7 @@ class DataConfig:
         require(self.source != "", "data.source", self.source, "a non-empty string")
         require(self.resolution >= 1, "data.resolution", self.resolution, "an integer >= 1")
         require(self.channels in (1, 3), "data.channels", self.channels, "1 or 3")
+        require(self.seed >= 0, "data.seed", self.seed, "an integer >= 0")
         require(self.crop in ("center", "random"), "data.crop", self.crop, "'center' or 'random'")
         require(
             (isinstance(size, int) and size >= 1) or (isinstance(size, float) and 0 < size < 1),
@@ -452,13 +454,13 @@ def table_columns(table: Any, source: str, config: DataConfig) -> Any:
         ("label_column", config.label_column),
     ):
         if column is not None and column not in table.column_names:
-            raise ValueError(
+            raise ConfigError(
                 f"data config {key}={column!r} is not a column of {source}; "
                 f"its columns are {table.column_names}"
             )
     feature = table.features.get(config.label_column)  # None when there are no labels
     if not str(getattr(feature, "dtype", "int")).startswith(("int", "uint")):
-        raise ValueError(
+        raise ConfigError(
             f"data config label_column={config.label_column!r} must hold integer "
             f"labels, not {feature}"
         )
@@ -551,6 +553,12 @@ def open_table(config: DataConfig) -> Any:
     import datasets
 
     if kind in ("parquet", "arrow"):
+        require(
+            config.split == "train",
+            "data.split",
+            config.split,
+            f"{source} is one table: its only split is 'train'",
+        )
         if stream:  # the packaged builder a hub parquet dataset goes through as well
             return datasets.load_dataset(
                 kind, data_files=path, split="train", cache_dir=cache_dir, streaming=True
@@ -562,7 +570,7 @@ def open_table(config: DataConfig) -> Any:
         table = datasets.load_from_disk(path)
         if isinstance(table, datasets.DatasetDict):
             if config.split not in table:
-                raise ValueError(
+                raise ConfigError(
                     f"data config split={config.split!r} is not in {source}; "
                     f"its splits are {list(table)}"
                 )
@@ -582,7 +590,7 @@ def open_table(config: DataConfig) -> Any:
             streaming=stream,
         )
     except Exception as err:  # noqa: BLE001 - offline, unknown name, missing split, ...
-        raise ValueError(
+        raise ConfigError(
             f"the dataset {source!r} (split {config.split!r}) is no local path and "
             f"could not be loaded from the Hugging Face hub ({err}); without network "
             f"access set source to a local path: {ACCEPTED}"
@@ -602,15 +610,75 @@ def _reader(config: DataConfig) -> _Reader:
     return _Table(open_table(config), source, config)
 
 
+# a source's own held-out split, by datasets' and folders' usual names, in this order of choice
+HELD_OUT_SPLITS = ("validation", "val", "valid", "test")
+
+
+def held_out_split(config: DataConfig) -> str | None:
+    """The source's own held-out split (a folder's ``validation/``, a hub dataset's or saved
+    ``DatasetDict``'s "validation" / "val" / "valid" / "test") when ``split`` is another one:
+    the validation part is then that split, whole. None for a source without one (and for
+    streams, which hold their first ``validation_size`` examples out)."""
+    kind = source_kind(config.source)
+    if config.streaming or kind not in ("folder", "saved", "hub"):
+        return None
+    if kind == "folder":
+        splits = open_manifest(os.path.expanduser(config.source), "folder").splits
+    else:
+        import datasets
+
+        try:
+            if kind == "saved":
+                table = datasets.load_from_disk(os.path.expanduser(config.source))
+                splits = list(table) if isinstance(table, datasets.DatasetDict) else []
+            else:
+                splits = datasets.get_dataset_split_names(config.source, config.dataset_config_name)
+        except Exception:  # noqa: BLE001 - no split names to be had: a seeded slice, then
+            return None
+    return next((s for s in HELD_OUT_SPLITS if s in splits and s != config.split), None)
+
+
+# the keys that decide which images a run reads and which it holds out: what stage one records
+# in the tokenizer it exports (its config's ``training_data``), and stage two reads by default
+IMAGE_CHOICE = (
+    "source",
+    "split",
+    "dataset_config_name",
+    "image_column",
+    "label_column",
+    "validation_size",
+    "seed",
+)
+
+
+def image_choice(config: DataConfig) -> dict[str, Any]:
+    return {key: getattr(config, key) for key in IMAGE_CHOICE}
+
+
+def describe_parts(config: DataConfig, train: int, validation: int) -> str:
+    """What the two parts are, for the log: the split of each and its images."""
+    held = held_out_split(config)
+    if held:
+        return (
+            f"data: {config.source}: split {config.split!r} for training ({train:,} images), "
+            f"split {held!r} held out for validation ({validation:,} images)"
+        )
+    return (
+        f"data: {config.source}: split {config.split!r}, {train:,} images for training and "
+        f"{validation:,} held out for validation (data.validation_size="
+        f"{config.validation_size!r}, seed {config.seed}: the source has no validation split)"
+    )
+
+
 def split_indices(count: int, config: DataConfig, part: str) -> np.ndarray:
     """The sorted item indices of ``part``: of a permutation seeded by ``seed``, the last
     ``validation_size`` items (a count, or a rounded fraction, at least 1) are "validation"."""
     size = config.validation_size
     held = size if isinstance(size, int) else max(1, round(size * count))
     if held >= count:
-        raise ValueError(
-            f"data config validation_size={size!r} leaves no training images "
-            f"({count} images in all); use a smaller fraction or count"
+        raise ConfigError(
+            f"data.validation_size = {size!r} leaves no training images: the source lists "
+            f"{count} images; use a smaller fraction or count"
         )
     order = np.random.RandomState(config.seed).permutation(count)  # frozen stream
     return np.sort(order[: count - held] if part == "train" else order[count - held :])
@@ -630,10 +698,24 @@ def build_dataset(config: DataConfig | Mapping[str, Any], part: str = "train") -
         from .streaming import build_stream
 
         return build_stream(config, part)
-    reader = _reader(config)
-    if len(reader) == 0:
-        raise ValueError(f"data source {config.source!r} holds no readable images")
-    transform = _transform(config, part == "train", tensors=isinstance(reader, _Digits))
-    return ImageDataset(
-        reader, split_indices(len(reader), config, part), transform, config.channels, config.strict
+    held = held_out_split(config)
+    reader = _reader(
+        dataclasses.replace(config, split=held) if held and part != "train" else config
     )
+    if len(reader) == 0:
+        raise ConfigError(f"data source {config.source!r} holds no images")
+    indices = np.arange(len(reader)) if held else split_indices(len(reader), config, part)
+    transform = _transform(config, part == "train", tensors=isinstance(reader, _Digits))
+    return ImageDataset(reader, indices, transform, config.channels, config.strict)
+
+
+def class_names(config: DataConfig) -> list[str] | None:
+    """The names of the source's classes, label i being the i-th: an image folder's class
+    folders (sorted, as its labels are numbered) or the ``names`` of a table's ``ClassLabel``
+    ``label_column``; None if the source names no classes."""
+    reader = _reader(config)
+    if isinstance(reader, _Folder):
+        return list(reader.manifest.meta["classes"]) or None
+    if isinstance(reader, _Table) and config.label_column:
+        return getattr(reader.table.features[config.label_column], "names", None)
+    return None

@@ -1,16 +1,21 @@
 """What the processes of a run agree on: one "any process" reduction, means of logged values,
-decisions taken once and broadcast, and the end-of-run check that every process holds the same
-weights."""
+decisions taken once and broadcast, folders every process must see, and the end-of-run check
+that every process holds the same weights."""
 
 from __future__ import annotations
 
 import hashlib
+import socket
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
+
+from .config import ConfigError
 
 T = TypeVar("T")
 
@@ -69,3 +74,29 @@ def check_replicas_agree(accelerator: Accelerator, tensors: dict[str, torch.Tens
             "tensors); please report this with your config"
         )
     accelerator.print(f"weights identical on all {accelerator.num_processes} processes")
+
+
+def check_shared_folder(accelerator: Accelerator, folder: str | Path, what: str) -> None:
+    """Every process must see ``folder`` (``what``: the key that names it): the main process
+    writes a file there and every process looks for it. Checked at the start, where a folder of
+    one machine's local disk would otherwise make another machine hang or miss a shard later."""
+    if accelerator.num_processes == 1:
+        return
+    folder = Path(folder)
+    probe = [f".visible-{uuid.uuid4().hex}" if accelerator.is_main_process else None]
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / probe[0]).touch()
+    broadcast_object_list(probe, from_process=0)
+    seen = (folder / probe[0]).is_file()
+    where = [f"process {accelerator.process_index} on {socket.gethostname()}"]
+    blind = gather_object(where if not seen else [])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (folder / probe[0]).unlink(missing_ok=True)
+    if blind:
+        raise ConfigError(
+            f"{what} {folder} is not shared by every process: {', '.join(blind)} cannot see "
+            f"what process 0 ({socket.gethostname()}) wrote there; put it on storage that every "
+            "machine mounts at the same path (see the README's Several machines)"
+        )

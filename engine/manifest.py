@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from .config import ConfigError
+
 FORMAT = 1
 CACHE_ENV = "NEVERCOLLAPSE_DATA_CACHE"
 IMAGE_EXTENSIONS = (
@@ -102,7 +104,7 @@ class Manifest:
 
     def rows(self, split: str):
         if split not in self.meta["splits"]:
-            raise ValueError(
+            raise ConfigError(
                 f"data config split={split!r} is not in {self.meta['source']}; its "
                 f"splits are {self.splits}"
             )

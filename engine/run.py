@@ -55,13 +55,14 @@ from tqdm.auto import tqdm
 from .checkpoints import (
     CheckpointError,
     checkpoint_step,
+    complete_checkpoints,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
 )
 from .config import ConfigError, check_types, require, to_mapping
 from .data import UnreadableImageError
-from .distributed import mean_over_processes
+from .distributed import check_shared_folder, mean_over_processes
 from .lock import lock_output_dir, release_folders
 from .streaming import ImageStream, stream_batches
 
@@ -215,6 +216,7 @@ def start_accelerator(train: Any, output_dir: str | Path) -> Accelerator:
     # weights start equal anyway, ``prepare`` broadcasts process 0's
     set_seed(train.seed, device_specific=True)
     lock_output_dir(accelerator, output_dir)  # before anything is written there
+    check_shared_folder(accelerator, output_dir, "the output folder")
     return accelerator
 
 
@@ -246,10 +248,15 @@ class NonFiniteGuard:
             f"step {step}: non-finite loss, step skipped ({self.count} in a row)"
         )
         if self.count >= self.limit:
+            saved = complete_checkpoints(self.checkpoints)
+            where = (
+                f"the last checkpoint before them is {saved[-1]}"
+                if saved
+                else "no checkpoint was written before them"
+            )
             raise FloatingPointError(
-                f"{self.count} non-finite losses in a row at step {step}; the last good "
-                f"checkpoint is in {self.checkpoints}. Try a lower train.learning_rate, "
-                'train.mixed_precision: bf16 instead of fp16, or fp32 ("no").'
+                f"{self.count} non-finite losses in a row at step {step}; {where}. Try a lower "
+                'train.learning_rate, train.mixed_precision: bf16 instead of fp16, or fp32 ("no").'
             )
         return False
 
@@ -345,6 +352,13 @@ class RunConfig:
             value = getattr(self, key)
             require(value is None or value >= 1, f"train.{key}", value, "must be >= 1 or null")
         require(self.learning_rate > 0, "train.learning_rate", self.learning_rate, "must be > 0")
+        require(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            "train.max_grad_norm",
+            self.max_grad_norm,
+            "must be > 0 (clip the gradient norm to it) or null (no clipping)",
+        )
+        require(self.seed >= 0, "train.seed", self.seed, "must be >= 0")
         require(
             self.mixed_precision in (None, "no", "fp16", "bf16"),
             "train.mixed_precision",
@@ -567,9 +581,17 @@ class Run:
         )
 
 
-def export(folder: Path, save: Callable[[Path], object]) -> Path:
+def export(folder: Path, save: Callable[[Path], object], weights: dict[str, torch.Tensor]) -> Path:
     """``save(tmp)`` into a sibling folder, then swapped in for ``folder``: a reader never sees a
-    half-written export (the previous one stays until the new one is complete)."""
+    half-written export (the previous one stays until the new one is complete). ``weights`` (what
+    is saved) must be finite: weights with NaN or inf are never exported (FloatingPointError)."""
+    bad = [name for name, t in weights.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise FloatingPointError(
+            f"{len(bad)} of {len(weights)} tensors of the weights hold NaN or inf (e.g. "
+            f"{bad[0]}): {folder} not written. Resume from an earlier checkpoint with a lower "
+            "train.learning_rate (--resume_from_checkpoint checkpoint-N)"
+        )
     partial, old = (folder.with_name(folder.name + suffix) for suffix in (".partial", ".old"))
     shutil.rmtree(partial, ignore_errors=True)
     save(partial)

@@ -8,17 +8,22 @@ remote-code loader only brings along the files that the pipeline module imports 
 import importlib
 import inspect
 import json
+import math
+import numbers
 import os
 import shutil
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.constants import DIFFUSERS_DYNAMIC_MODULE_NAME
 from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 MODEL_CARD = "README.md"
 TRAINING_CONFIG = "training_config.yaml"  # the training configs (scripts' defaults)
 # Loading through the installed class uses the installed code of these components, never the
@@ -27,9 +32,13 @@ INSTALLED_COMPONENTS = {"VQTokenizer": "tokenizer.model"}
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 
 
-def check_output_type(output_type: str):
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+def is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A finite real number (not a bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class VQLatentPipeline(DiffusionPipeline):
@@ -46,7 +55,13 @@ class VQLatentPipeline(DiffusionPipeline):
     the installed classes (the pipeline's and ``tokenizer.VQTokenizer``) and runs no code from
     the folder. A pipeline loaded from a folder keeps that folder's model card and training
     configs when saved elsewhere.
+
+    Calling: ``check_inputs``, ``prepare_latents``, ``denoise`` and ``output`` are the steps both
+    pipelines' ``__call__`` share (``output_type`` "pil" / "np" / "pt" / "latent",
+    ``callback_on_step_end`` with the tensors of ``_callback_tensor_inputs``, as in diffusers).
     """
+
+    _callback_tensor_inputs = ["latents"]
 
     # ----------------------------------------------------------------- components
 
@@ -92,14 +107,71 @@ class VQLatentPipeline(DiffusionPipeline):
 
     # ----------------------------------------------------------------- sampling steps
 
+    def check_inputs(
+        self,
+        batch_size: int,
+        num_inference_steps,
+        eta,
+        generator,
+        output_type,
+        quantize,
+        return_dict,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+    ) -> list[str]:
+        """ValueError naming the first argument of ``__call__`` (of those both pipelines take)
+        that is not allowed, and saying what is. Returns the names of the tensors to hand to
+        ``callback_on_step_end`` (a ``PipelineCallback``'s own ``tensor_inputs``, as diffusers
+        does)."""
+        limit = getattr(self.scheduler.config, "num_train_timesteps", None) or math.inf
+        if not (is_int(num_inference_steps) and 1 <= num_inference_steps <= limit):
+            raise ValueError(
+                f"num_inference_steps must be an int in [1, {limit}] (the scheduler's "
+                f"num_train_timesteps), got {num_inference_steps!r}"
+            )
+        if not (is_real(eta) and 0 <= eta <= 1):
+            raise ValueError(f"eta must be a number in [0, 1] (0: deterministic DDIM), got {eta!r}")
+        generators = generator if isinstance(generator, (list, tuple)) else [generator]
+        if generator is not None and not all(isinstance(g, torch.Generator) for g in generators):
+            raise ValueError(
+                "generator must be None, a torch.Generator or a list of one per image, got "
+                f"{generator!r}"
+            )
+        if isinstance(generator, (list, tuple)) and len(generator) != batch_size:
+            raise ValueError(
+                f"generator must be a single generator or a list of one per image: got "
+                f"{len(generator)} generators for {batch_size} images"
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        for name, value in (("quantize", quantize), ("return_dict", return_dict)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(
+                "callback_on_step_end must be None or a function (pipe, step, timestep, "
+                f"callback_kwargs) -> dict, got {callback_on_step_end!r}"
+            )
+        inputs = callback_on_step_end_tensor_inputs
+        names = self._callback_tensor_inputs
+        if not isinstance(inputs, (list, tuple)) or not all(k in names for k in inputs):
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs must be a list of names in {names}, got "
+                f"{inputs!r}"
+            )
+        return list(inputs)
+
     def prepare_latents(self, batch_size: int, generator, latents: torch.Tensor | None = None):
         """N(0, 1) noise of shape B×C×H×W (or the given ``latents``) × the scheduler's sigma."""
         shape = (batch_size, *self.latent_shape)
         device, dtype = self._execution_device, self.unet.dtype
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents)
+            raise ValueError(f"latents must be a tensor of shape {shape}, got {got}")
         else:
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
@@ -109,14 +181,72 @@ class VQLatentPipeline(DiffusionPipeline):
         accepted = inspect.signature(self.scheduler.step).parameters
         return {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
 
-    def postprocess(self, images: torch.Tensor, output_type: str):
-        """Decoded images in [-1, 1] → [0, 1]: B×3×H×W tensor ("pt"), B×H×W×3 array ("np") or
-        list of PIL images ("pil")."""
-        images = (images / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            return images
-        images = images.cpu().permute(0, 2, 3, 1).float().numpy()
-        return self.numpy_to_pil(images) if output_type == "pil" else images
+    @property
+    def num_timesteps(self) -> int:
+        """The number of timesteps of the last (or current) call."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` (in ``callback_on_step_end``) to skip the remaining
+        steps: the latents of the last step taken are the output, as in diffusers' pipelines."""
+        return self._interrupt
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        num_inference_steps: int,
+        eta: float,
+        generator,
+        predict_noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = (),
+    ) -> torch.Tensor:
+        """The denoising loop: ``scheduler.step`` on ``predict_noise(model_input, t)`` at every
+        timestep, then ``callback_on_step_end(self, i, t, {name: tensor})`` with the tensors
+        named in ``callback_on_step_end_tensor_inputs``; the latents it returns (under
+        "latents") replace the step's, as in diffusers' pipelines."""
+        self.scheduler.set_timesteps(num_inference_steps, device=latents.device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps, self._interrupt = len(timesteps), False
+        step_kwargs = self.step_kwargs(eta, generator)
+        for i, t in enumerate(self.progress_bar(timesteps)):
+            if self.interrupt:
+                continue
+            noise_pred = predict_noise(self.scheduler.scale_model_input(latents, t), t)
+            latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                tensors = {"latents": latents}
+                kwargs = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                outputs = callback_on_step_end(self, i, t, kwargs)
+                if not isinstance(outputs, dict):
+                    raise TypeError(
+                        "callback_on_step_end must return a dict (of the tensors it replaces, "
+                        f"e.g. its callback_kwargs), got {type(outputs).__name__}"
+                    )
+                latents = outputs.pop("latents", latents)
+        return latents
+
+    def output(
+        self, latents: torch.Tensor, output_type: str, quantize: bool, return_dict: bool
+    ) -> ImagePipelineOutput | tuple:
+        """The denoised latents decoded (re-quantized unless ``quantize=False``) into images in
+        [0, 1]: a B×3×H×W tensor ("pt"), a B×H×W×3 array ("np"), a list of PIL images ("pil");
+        or, for "latent", the latents themselves, not divided by the tokenizer's
+        ``scaling_factor`` (as diffusers' pipelines return them: decode them with
+        ``vqvae.decode(latents / vqvae.config.scaling_factor)``)."""
+        if output_type == "latent":
+            images = latents
+        else:
+            latents = (latents / self.vqvae.config.scaling_factor).to(self.vqvae.dtype)
+            images = self.vqvae.decode(latents, force_not_quantize=not quantize).sample
+            images = (images / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
 
     # ----------------------------------------------------------------- saving and loading
 

@@ -6,6 +6,7 @@ how many processes share the work."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,6 +75,24 @@ def image_labels(
         int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(seed + i)))
         for i in ids
     ]
+
+
+def class_label_ids(pipe, text: str) -> list[int]:
+    """``--class-labels``: comma-separated class ids or class names, or both mixed (``3,1``,
+    ``tench,goldfish``) → class ids, a name being looked up with the pipeline's
+    ``get_label_ids`` (an integer is an id). ValueError naming unknown names or ids out of
+    range."""
+    items = [item.strip() for item in text.split(",")]
+    names = [item for item in items if not re.fullmatch(r"-?\d+", item)]
+    named = dict(zip(names, pipe.get_label_ids(names))) if names else {}
+    ids = [named[item] if item in named else int(item) for item in items]
+    bad = [i for i in ids if not 0 <= i < pipe.num_classes]
+    if bad:
+        raise ValueError(
+            f"class ids {bad} are out of range: this model has {pipe.num_classes} classes, ids "
+            f"must be in [0, {pipe.num_classes})"
+        )
+    return ids
 
 
 def sample_images(

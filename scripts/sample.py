@@ -7,6 +7,8 @@
 Image i is drawn from its own seed (seed + i), so the images do not depend on the batch size
 or on how many processes share the work. ``--steps`` defaults to the ``train.sample_steps`` of
 the run that exported the pipeline (200 for FFHQ/LSUN, 250 for ImageNet), else 50.
+``--class-labels`` takes class ids or the class names the pipeline knows (its ``id2label``,
+from the training data's class folders or ``ClassLabel`` names; see ``pipe.labels``).
 """
 
 import argparse
@@ -20,6 +22,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from pipelines.sampling import (
+    class_label_ids,
     image_labels,
     is_conditional,
     load_pipeline,
@@ -39,7 +42,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance-scale", type=float, default=3.0)
     labels = parser.add_mutually_exclusive_group()
-    labels.add_argument("--class-labels", help="comma-separated labels, cycled over the images")
+    labels.add_argument(
+        "--class-labels",
+        help="comma-separated class ids or names (e.g. 3,1 or tench,goldfish), cycled over the "
+        "images",
+    )
     labels.add_argument(
         "--classes-uniform",
         action="store_true",
@@ -56,7 +63,10 @@ def main() -> None:
     conditional = is_conditional(pipe)
     if not conditional and args.class_labels:
         sys.exit("--class-labels: this pipeline is unconditional")
-    given = [int(c) for c in args.class_labels.split(",")] if args.class_labels else None
+    try:
+        given = class_label_ids(pipe, args.class_labels) if args.class_labels else None
+    except ValueError as e:
+        sys.exit(f"--class-labels: {e}")
     steps = args.steps or int(
         (training_config(args.pipeline).get("train") or {}).get("sample_steps", 50)
     )

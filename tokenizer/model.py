@@ -253,6 +253,8 @@ class VQTokenizer(ModelMixin, ConfigMixin):
         len(levels), lfq has K = 2^embed_dim codes).
       scaling_factor: latent scale used by diffusion pipelines (latents · scaling_factor);
         always written explicitly (diffusers' 0.18215 default would silently ruin a VQ model).
+      training_data: the ``data`` keys that chose the images stage one trained on and held out
+        (written by the trainer; stage two reads the same images unless told otherwise).
 
     Used like ``diffusers.VQModel`` where the meaning is the same: ``encode(x).latents``,
     ``decode(h, force_not_quantize=False).sample`` (and ``.commit_loss``), ``forward(x,
@@ -290,6 +292,7 @@ class VQTokenizer(ModelMixin, ConfigMixin):
         quantizer: str = "cvq",
         quantizer_options: dict | None = None,
         scaling_factor: float = 1.0,
+        training_data: dict | None = None,
     ):
         super().__init__()
         arch = dict(

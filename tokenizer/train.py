@@ -20,7 +20,13 @@ from engine.config import (
     require,
     signature_hints,
 )
-from engine.data import DataConfig, build_dataset, check_source_exists
+from engine.data import (
+    DataConfig,
+    build_dataset,
+    check_source_exists,
+    describe_parts,
+    image_choice,
+)
 from engine.distributed import check_replicas_agree
 from engine.run import Run, RunConfig, export, learning_rate, start_accelerator
 from engine.weights import init_from
@@ -93,10 +99,28 @@ class TokenizerConfig:
             "must be >= 0",
         )
         require(
-            all(m >= 1 for m in model.get("ch_mult", [1])),
+            len(model.get("ch_mult", [1])) >= 1 and all(m >= 1 for m in model.get("ch_mult", [1])),
             "model.ch_mult",
             model.get("ch_mult"),
-            "every multiplier must be >= 1",
+            "one multiplier >= 1 per level, at least one (e.g. [1, 2, 2])",
+        )
+        require(
+            all(r >= 1 for r in model.get("attn_resolutions", [])),
+            "model.attn_resolutions",
+            model.get("attn_resolutions"),
+            "feature-map sides >= 1 (or [] for attention in the middle block only)",
+        )
+        require(
+            0 <= model.get("dropout", 0.0) < 1,
+            "model.dropout",
+            model.get("dropout"),
+            "must be in [0, 1)",
+        )
+        require(
+            model.get("scaling_factor", 1.0) > 0,
+            "model.scaling_factor",
+            model.get("scaling_factor"),
+            "must be > 0 (stage two measures it)",
         )
         try:  # impossible architectures and quantizer options, cheaply, on the meta device
             with torch.device("meta"):
@@ -140,15 +164,17 @@ def train_tokenizer(
     check_source_exists(config.data)  # before anything is built (configs may name absent data)
     output_dir = Path(output_dir)
     accelerator = start_accelerator(train, output_dir)
-    model = VQTokenizer(**config.model)
+    with accelerator.local_main_process_first():  # it lists the data once per machine
+        train_set = build_dataset(config.data, "train")
+        val_set = build_dataset(config.data, "validation")
+    accelerator.print(describe_parts(config.data, len(train_set), len(val_set)))
+    # the images it trains on and holds out: stage two reads the same by default
+    model = VQTokenizer(**{**config.model, "training_data": image_choice(config.data)})
     if train.init_from:
         accelerator.print(f"weights from {init_from(model, train.init_from, INIT_FOLDERS)}")
     if train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     loss_fn = VQGANLoss(config.loss).to(accelerator.device)  # fails fast without VGG weights
-    with accelerator.local_main_process_first():  # it lists the data once per machine
-        train_set = build_dataset(config.data, "train")
-        val_set = build_dataset(config.data, "validation")
     lr = learning_rate(train, accelerator)
     opt_g = torch.optim.Adam(model.parameters(), lr=lr, betas=tuple(train.adam_betas))
     model, opt_g = accelerator.prepare(model, opt_g)
@@ -197,7 +223,8 @@ def train_tokenizer(
         if run.due(train.validation_steps):
             scores = validate(accelerator, unwrapped, loss_fn, val_set, held_out, train.batch_size)
             if run.validated(scores, "validation/nll") and accelerator.is_main_process:
-                export(output_dir / "tokenizer-best", unwrapped.save_pretrained)
+                weights = unwrapped.state_dict()
+                export(output_dir / "tokenizer-best", unwrapped.save_pretrained, weights)
         if accelerator.is_main_process and run.due(train.image_every):
             run.log_image("reconstructions", _reconstructions(unwrapped, fixed), len(fixed))
 
@@ -212,7 +239,7 @@ def train_tokenizer(
     check_replicas_agree(accelerator, replicas)
     last = output_dir / "tokenizer"
     if accelerator.is_main_process:
-        export(last, unwrapped.save_pretrained)
+        export(last, unwrapped.save_pretrained, unwrapped.state_dict())
         skipped = sorted(set(train_set.skipped) | set(val_set.skipped))
         if skipped:
             accelerator.print(f"{len(skipped)} unreadable file(s) were skipped, e.g. {skipped[:3]}")

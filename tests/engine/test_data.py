@@ -106,19 +106,28 @@ def test_folder_splits_and_labels_are_those_of_datasets_imagefolder(
     _imagefolder_tree(root)
     theirs = datasets.load_dataset("imagefolder", data_dir=str(root))
     assert sorted(theirs) == ["train", "validation"]
-    for split in theirs:
-        config = {"source": str(root), "split": split, "resolution": 8, "validation_size": 1}
-        ours = [part for name in ("train", "validation") for part in [build_dataset(config, name)]]
-        mine = sorted(
+
+    def rows(*parts):
+        return sorted(
             (os.path.relpath(part.reader.name(int(j)), root), int(part[i]["label"]))
-            for part in ours
+            for part in parts
             for i, j in enumerate(part.indices)
         )
-        expected = sorted(
+
+    def expected(split):
+        return sorted(
             (os.path.relpath(row["image"].filename, os.path.realpath(root)), row["label"])
             for row in theirs[split]
         )
-        assert mine == expected, split
+
+    # training on "train": the folder's own validation/ split is the held-out part, whole
+    config = {"source": str(root), "resolution": 8, "validation_size": 1}
+    assert rows(build_dataset(config, "train")) == expected("train")
+    assert rows(build_dataset(config, "validation")) == expected("validation")
+    # training on "validation" (no other held-out split): a seeded slice of it is held out
+    config["split"] = "validation"
+    train, held = build_dataset(config, "train"), build_dataset(config, "validation")
+    assert len(held) == 1 and rows(train, held) == expected("validation")
     with pytest.raises(ValueError, match=r"split='test'.*splits are \['train', 'validation'\]"):
         build_dataset({"source": str(root), "split": "test"})
 
@@ -127,7 +136,7 @@ def test_folder_is_listed_once_and_again_when_it_changes(tmp_path: Path, capfd) 
     root = tmp_path / "images"
     _imagefolder_tree(root)
     config = {"source": str(root), "resolution": 8, "validation_size": 1}
-    assert len(build_dataset(config, "train")) + 1 == 6
+    assert len(build_dataset(config, "train")) == 6  # the train/ split; validation/ held out
     assert "listing" in capfd.readouterr().err
     build_dataset(config, "validation")  # the other part, another process: the same manifest
     subprocess.run(
@@ -143,7 +152,7 @@ def test_folder_is_listed_once_and_again_when_it_changes(tmp_path: Path, capfd) 
     )
     assert "listing" not in capfd.readouterr().err
     Image.new("RGB", (8, 8)).save(root / "train" / "cat" / "new.png")
-    assert len(build_dataset(config, "train")) + 1 == 7
+    assert len(build_dataset(config, "train")) == 7
     err = capfd.readouterr().err
     assert "listing" in err and "train/cat changed" in err
 
@@ -353,7 +362,7 @@ def test_unknown_key_part_and_too_large_validation() -> None:
         build_dataset({"resolutoin": 32})
     with pytest.raises(ValueError, match="train.*validation"):
         build_dataset({}, "test")
-    with pytest.raises(ValueError, match="validation_size=1797.*no training images"):
+    with pytest.raises(ValueError, match="validation_size = 1797 leaves no training images"):
         build_dataset({"validation_size": 1797})
 
 

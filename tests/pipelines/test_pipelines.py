@@ -104,8 +104,8 @@ def test_output_types_and_shapes(kind, request):
     assert np.array_equal(np.asarray(pils[1]), (arrays[1] * 255).round().astype(np.uint8))
     output = pipe(*([[3, 7]] if kind == "cond" else [2]), num_inference_steps=1, return_dict=False)
     assert isinstance(output, tuple) and len(output[0]) == 2
-    with pytest.raises(ValueError, match="output_type.*'latent'"):
-        sample(pipe, output_type="latent")
+    with pytest.raises(ValueError, match="output_type.*'pt', 'latent'.*'latents'"):
+        sample(pipe, output_type="latents")
 
 
 @pytest.mark.parametrize("kind", ["uncond", "cond"])

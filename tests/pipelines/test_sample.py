@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipelines import ClassConditionalLatentDiffusionPipeline
 from tests.launch import ROOT, launch_two_processes
 
 
@@ -100,6 +101,31 @@ def test_class_labels(tmp_path, save_pipeline):
         ok=False,
     )
     assert done.returncode != 0 and "out of range" in done.stderr
+    assert "Traceback" not in done.stderr  # refused before sampling, in one line
+
+
+def test_class_labels_by_name(tmp_path, save_pipeline):
+    plain = save_pipeline(tmp_path / "plain", num_classes=3)
+    id2label = {0: "tench, Tinca tinca", 1: "goldfish", 2: "great white shark"}
+    named = ClassConditionalLatentDiffusionPipeline.from_pretrained(plain, id2label=id2label)
+    named.save_pretrained(tmp_path / "named")
+
+    def labelled(pipe, labels, out, ok=True):
+        args = ("--pipeline", pipe, "--num-images", 3, "--steps", 2, "--out", tmp_path / out)
+        return sample(*args, "--class-labels", labels, ok=ok)
+
+    labelled(tmp_path / "named", "goldfish, Tinca tinca,2", "names")  # names, synonyms, ids
+    labelled(tmp_path / "named", "1,0,2", "ids")
+    files = sorted(p.name for p in (tmp_path / "names").glob("0*.png"))
+    assert files == ["000000_class1.png", "000001_class0.png", "000002_class2.png"]
+    for name in files:
+        assert np.array_equal(pixels(tmp_path / "names" / name), pixels(tmp_path / "ids" / name))
+    done = labelled(tmp_path / "named", "goldfsh,tench", "bad", ok=False)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "--class-labels: unknown class names ['goldfsh']" in done.stderr
+    assert "'goldfish'" in done.stderr  # what was meant
+    done = labelled(plain, "tench", "none", ok=False)
+    assert done.returncode != 0 and "no class names" in done.stderr
 
 
 def test_unconditional_pipeline_refuses_labels(tmp_path, save_pipeline):

@@ -331,7 +331,7 @@ BAD = [
     ({"train": {"learning_rate": "fast"}}, "train.learning_rate.*expected float"),
     ({"model": {"ch": -4}}, "model.ch = -4.*must be >= 1"),
     ({"model": {"z_channels": 0}}, "model.z_channels = 0.*must be >= 1"),
-    ({"model": {"ch_mult": [1, 0]}}, "model.ch_mult.*must be >= 1"),
+    ({"model": {"ch_mult": [1, 0]}}, "model.ch_mult.*one multiplier >= 1 per level"),
     (
         {"model": {"quantizer": "looc", "quantizer_options": {"num_codes": 0, "code_dim": 4}}},
         r"num_codes \(K\) must be an integer >= 1",

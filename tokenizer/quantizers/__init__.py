@@ -8,6 +8,7 @@ Every quantizer maps z (B×C×H×W) to a :class:`QuantizerOutput` and has ``deco
 from __future__ import annotations
 
 import inspect
+import math
 
 from .core import CodebookQuantizer, Quantizer, QuantizerOutput, perplexity
 from .cvq import ANCHORS, ClusteredQuantizer
@@ -55,6 +56,9 @@ def build_quantizer(kind: str, **options) -> Quantizer:
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for quantizer {kind!r}; allowed: {allowed}")
+    for name, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"quantizer option {name} = {value!r} must be a finite number")
     return QUANTIZERS[kind](**options)
 
 
