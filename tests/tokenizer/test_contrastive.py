@@ -39,7 +39,7 @@ class LargestTensor(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("distance", ["cosine", "l2"])
-@pytest.mark.parametrize("tile", [1, 2**18])  # chunks of 1 code (N > 64 tiles), all at once
+@pytest.mark.parametrize("tile", [1, 2**18])  # tiles of scores: chunks of 1 code, all at once
 def test_chunked_loss_and_gradient_equal_the_dense_formula(distance, tile):
     torch.manual_seed(0)
     q = ClusteredQuantizer(
@@ -47,7 +47,7 @@ def test_chunked_loss_and_gradient_equal_the_dense_formula(distance, tile):
         code_dim=8,
         distance=distance,
         contrastive_weight=1.0,
-        max_search_elements=tile,
+        max_search_bytes=4 * tile,
     )
     with torch.no_grad():
         q.codebook.normal_()
@@ -64,7 +64,7 @@ def test_chunked_loss_and_gradient_equal_the_dense_formula(distance, tile):
 def test_memory_does_not_grow_with_the_codes():
     tile, n = 4096 // CONTRASTIVE_TILES, 1000
     q = ClusteredQuantizer(num_codes=512, code_dim=8, contrastive_weight=1.0)
-    q.max_search_elements = tile
+    q.max_search_bytes = 4 * tile
     rows = torch.randn(n, 8)
     with LargestTensor() as mode:
         q._contrastive_loss(rows).backward()

@@ -20,7 +20,7 @@ from tokenizer.quantizers import (
     build_quantizer,
 )
 from tokenizer.quantizers.lfq import bit_groups
-from tokenizer.quantizers.softmax import tile_shape
+from tokenizer.quantizers.search import tile_shape
 
 vqp = pytest.importorskip("vector_quantize_pytorch")  # the test extra installs it
 
@@ -130,7 +130,7 @@ def test_lfq_equals_vector_quantize_pytorch(exact_log, tile):
         entropy_weight=weight,
         entropy_temperature=tau,
         batch_entropy_weight=gamma,
-        max_search_elements=tile,
+        max_search_bytes=4 * tile,
     )
     out = ours(z)
     oracle_z = z.detach().clone().requires_grad_()
@@ -174,7 +174,7 @@ def test_lfq_batch_entropy_over_groups_of_bits_equals_the_dense_formula():
     torch.manual_seed(0)
     rows = (torch.randn(300, 7) * 0.2).requires_grad_()
     q = LFQQuantizer(
-        code_dim=7, entropy_temperature=0.1, entropy_group_bits=3, max_search_elements=50
+        code_dim=7, entropy_temperature=0.1, entropy_group_bits=3, max_search_bytes=200
     )
     assert q.groups == [(0, 3), (3, 5), (5, 7)] == bit_groups(7, 3)
     sample, batch = q.entropies(rows)
@@ -280,7 +280,7 @@ def dense_ibq(rows, codebook, tau, beta=1.0, codebook_weight=0.25, entropy_weigh
 def test_ibq_equals_its_dense_formula(tile):
     torch.manual_seed(0)
     k, d, tau = 40, 6, 0.5
-    ours = IBQQuantizer(num_codes=k, code_dim=d, entropy_temperature=tau, max_search_elements=tile)
+    ours = IBQQuantizer(num_codes=k, code_dim=d, entropy_temperature=tau, max_search_bytes=4 * tile)
     z = (torch.randn(3, d, 4, 5) * 0.5).requires_grad_()
     out = ours(z)
     codebook = ours.codebook.detach().clone().requires_grad_()
@@ -337,7 +337,7 @@ def test_no_n_by_k_matrix_forward_and_backward(kind):
     options = {"lfq": dict(code_dim=12, entropy_group_bits=12)}.get(
         kind, dict(num_codes=4096, code_dim=8)
     )
-    q = build_quantizer(kind, max_search_elements=2000, **options)
+    q = build_quantizer(kind, max_search_bytes=8000, **options)
     z = torch.randn(6, options["code_dim"], 10, 10, requires_grad=True)
     with LargestTensor() as mode:
         out = q(z)

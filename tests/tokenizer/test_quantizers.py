@@ -10,6 +10,7 @@ from tokenizer.quantizers import (
     build_quantizer,
     nearest_code,
 )
+from tokenizer.quantizers.search import MIN_TILE_ROWS, search_budget, tile_shape, tiles_per_search
 
 KINDS = {
     "vq": dict(num_codes=32, code_dim=8),
@@ -365,9 +366,10 @@ def test_tiled_search_and_closest_anchors_equal_the_dense_reference(distance, n,
     x, codebook = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
     x[7] = x[3]  # duplicate rows
     sim = dense_scores(x, codebook, distance)
-    for tile_elements in (1, 100, k * 7 + 3, 10**9):  # one row per tile … one tile
+    whole = k * min(n, MIN_TILE_ROWS)  # the fewest scores of a tile of the whole codebook
+    for elements in (10**9, whole, whole - 1, 3 * k + 7):  # one tile … rows × chunks of codes
         found = search_and_anchor(
-            x, codebook, distance, "closest", tile_elements=tile_elements, sync_free=sync_free
+            x, codebook, distance, "closest", max_bytes=4 * elements, sync_free=sync_free
         )
         assert torch.equal(found.indices, sim.argmax(1))
         # the same anchor feature (rows 3 and 7 are equal: either may be found, see search.py)
@@ -375,7 +377,7 @@ def test_tiled_search_and_closest_anchors_equal_the_dense_reference(distance, n,
         torch.testing.assert_close(
             found.anchor_score.double(), sim.max(0).values.double(), atol=1e-4, rtol=1e-5
         )
-        assert torch.equal(nearest_code(x, codebook, distance, tile_elements), sim.argmax(1))
+        assert torch.equal(nearest_code(x, codebook, distance, 4 * elements), sim.argmax(1))
 
 
 @pytest.mark.parametrize("dim", [0, 1])
@@ -394,8 +396,8 @@ def test_two_level_argmax_is_argmax_with_ties_and_nan(dim):
 
 
 @pytest.mark.parametrize("sync_free", [False, True], ids=["cpu", "sync-free"])
-@pytest.mark.parametrize("tile_elements", [20000, 10**9], ids=["a row per tile", "one tile"])
-def test_probabilistic_anchor_samples_the_softmax(tile_elements, sync_free):
+@pytest.mark.parametrize("elements", [20000, 10**9], ids=["chunks of codes", "one tile"])
+def test_probabilistic_anchor_samples_the_softmax(elements, sync_free):
     from tokenizer.quantizers import search_and_anchor
 
     x = torch.tensor([[0.0], [1.0], [2.0]])
@@ -406,7 +408,7 @@ def test_probabilistic_anchor_samples_the_softmax(tile_elements, sync_free):
         "l2",
         "probabilistic",
         generator=torch.Generator().manual_seed(0),
-        tile_elements=tile_elements,
+        max_bytes=4 * elements,
         sync_free=sync_free,
     )
     where = found.anchor_row
@@ -430,7 +432,7 @@ def test_sync_free_search_never_asks_the_host(anchor):
 
     x, codebook = torch.randn(3000, 4), torch.randn(256, 4)
     with Ops() as ops:
-        search_and_anchor(x, codebook, "cosine", anchor, tile_elements=5000, sync_free=True)
+        search_and_anchor(x, codebook, "cosine", anchor, max_bytes=20000, sync_free=True)
     waits = {"nonzero.default", "_local_scalar_dense.default", "item.default"}
     assert "mm.default" in ops.names and not ops.names & waits, ops.names & waits
 
@@ -457,3 +459,19 @@ def test_counts_are_the_histogram_of_the_indices(name):
     out = q(torch.randn(2, 8, 4, 4))
     expected = torch.bincount(out.indices.flatten(), minlength=q.num_codes)
     assert out.counts.dtype == torch.long and torch.equal(out.counts, expected)
+
+
+def test_tiles_are_sized_by_the_devices_memory_budget():
+    # 1 MiB of scores on the CPU, 256 MiB on an accelerator, or what the caller gives
+    assert search_budget(torch.device("cpu")) == 2**18
+    assert search_budget(torch.device("cuda")) == search_budget(torch.device("mps")) == 2**26
+    assert search_budget(torch.device("cpu"), 4096) == 1024
+    gpu = search_budget(torch.device("cuda"))
+    # the settings of the recipes: at most 64 tiles per search with the GPU budget, and a
+    # 262,144-code search in row blocks × chunks of codes, never a row per tile
+    for n, k in ((2_097_152, 1024), (8192, 16_384), (8192, 262_144)):
+        assert tiles_per_search(n, k, gpu) <= 64, (n, k)
+    rows, codes = tile_shape(8192, 262_144, 2**18)
+    assert (rows, codes) == (64, 4096) and rows * codes <= 2**18
+    assert tile_shape(1000, 37, 2**18) == (1000, 37)  # one tile
+    assert tile_shape(5000, 1024, 2**18) == (256, 1024)  # the whole codebook, rows in tiles

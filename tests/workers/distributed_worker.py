@@ -35,7 +35,7 @@ SETTINGS = {
     "looc-no-update": ("looc", dict(num_codes=16, code_dim=4, anchor="none")),
     "cvq-contrastive-chunked": (  # the contrastive loss a code at a time
         "cvq",
-        dict(num_codes=32, code_dim=8, contrastive_weight=1.0, max_search_elements=1),
+        dict(num_codes=32, code_dim=8, contrastive_weight=1.0, max_search_bytes=28),
     ),
     "vq-ema": ("vq", dict(num_codes=32, code_dim=8, ema=True)),
     "fsq": ("fsq", dict(levels=[5, 5, 5, 5, 3, 3, 3, 3])),

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .search import DEFAULT_TILE_ELEMENTS, DISTANCES, nearest_code
+from .search import DISTANCES, nearest_code
 
 
 @dataclass
@@ -115,7 +115,7 @@ class CodebookQuantizer(Quantizer):
         code_dim: int = 64,
         beta: float = 0.25,
         distance: str = "l2",
-        max_search_elements: int = DEFAULT_TILE_ELEMENTS,
+        max_search_bytes: int | None = None,
     ):
         super().__init__()
         _check(
@@ -132,14 +132,14 @@ class CodebookQuantizer(Quantizer):
             f"distance must be one of {self.distances}, got {distance!r}",
         )
         _check(
-            max_search_elements >= 1,
-            f"max_search_elements must be >= 1, got {max_search_elements!r}",
+            max_search_bytes is None or max_search_bytes >= 4,
+            f"max_search_bytes must be >= 4 (one score) or None, got {max_search_bytes!r}",
         )
         self.num_codes = num_codes
         self.code_dim = code_dim
         self.beta = beta
         self.distance = distance
-        self.max_search_elements = max_search_elements
+        self.max_search_bytes = max_search_bytes
         initial = self._initial_codebook(num_codes, code_dim)
         if self.trainable_codebook:
             self.codebook = nn.Parameter(initial)
@@ -173,7 +173,7 @@ class CodebookQuantizer(Quantizer):
     # --- public API ---------------------------------------------------------------------------
     def search(self, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Each row's nearest code among ``codes`` (float32, no gradient)."""
-        return nearest_code(rows, codes, self.distance, self.max_search_elements)
+        return nearest_code(rows, codes, self.distance, self.max_search_bytes)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         in_dtype = z.dtype

@@ -11,10 +11,10 @@ from torch.utils.checkpoint import checkpoint
 
 from .core import CodebookQuantizer, _check
 from .distributed import all_reduce_sum, sum_counts_and_pick_anchors
-from .search import search_and_anchor
+from .search import search_and_anchor, search_budget
 
 ANCHORS = ("random", "unique", "closest", "probabilistic", "none")
-# the contrastive loss holds at most this many search tiles of similarities (64 MiB by default):
+# the contrastive loss holds at most this many search tiles of similarities (64 MiB on the CPU):
 # one chunk, as the dense formula, at the papers' MNIST sizes; chunks recomputed in the backward
 # pass (about 1.5× the time) only where the N×K matrix would be larger
 CONTRASTIVE_TILES = 64
@@ -49,7 +49,7 @@ class ClusteredQuantizer(CodebookQuantizer):
         uses 1): for each code, positive = mean similarity of its N/K closest features,
         negatives = its farthest half of the features, cross-entropy at temperature
         ``contrastive_temperature`` (0.07). Computed for a chunk of codes at a time (at most
-        ``CONTRASTIVE_TILES × max_search_elements`` similarities, or one column of N),
+        ``CONTRASTIVE_TILES`` search tiles of similarities, or one column of N),
         recomputed in the backward pass, so a large N×K similarity matrix is never held.
 
     State (saved in the state dict, so a resumed run continues exactly): ``usage`` (N_k) and
@@ -123,7 +123,7 @@ class ClusteredQuantizer(CodebookQuantizer):
             codes,
             self.distance,
             anchor=self.anchor,
-            tile_elements=self.max_search_elements,
+            max_bytes=self.max_search_bytes,
         )
         return self._found.indices
 
@@ -150,7 +150,8 @@ class ClusteredQuantizer(CodebookQuantizer):
             return None
         # clone: the in-place codebook update below must not touch a tensor saved for backward
         codes = self.codebook.clone().float()
-        chunk = max(1, CONTRASTIVE_TILES * self.max_search_elements // n)
+        elements = search_budget(rows.device, self.max_search_bytes)
+        chunk = max(1, CONTRASTIVE_TILES * elements // n)
         total = sum(
             checkpoint(
                 self._contrastive_terms,

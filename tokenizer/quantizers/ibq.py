@@ -9,7 +9,6 @@ import torch.nn.functional as F
 
 from .core import CodebookQuantizer, QuantizerOutput, _check
 from .distributed import all_reduce_sum, world_size
-from .search import DEFAULT_TILE_ELEMENTS
 from .softmax import CodeSoftmax, softmax_stats
 
 
@@ -27,7 +26,7 @@ class IBQQuantizer(CodebookQuantizer):
     forward; the official code takes each GPU's own batch).
 
     No N×K matrix is formed: argmax, softmax statistics and the gradients of the softmax are
-    computed in tiles of at most ``max_search_elements`` logits (``softmax.py``), the tiles
+    computed in tiles of at most ``max_search_bytes`` of logits (``softmax.py``), the tiles
     recomputed in the backward pass.
 
     Options (defaults: the official ImageNet configs for 1,024 / 16,384 / 262,144 codes):
@@ -36,7 +35,8 @@ class IBQQuantizer(CodebookQuantizer):
       codebook_loss_weight: weight of the codebook term (0.25, the official ``beta``).
       entropy_weight: weight of the entropy penalty (0.05); entropy_temperature: τ (0.01);
       sample_entropy_weight, batch_entropy_weight: the two entropies' weights (1, 1).
-      max_search_elements: logits per tile.
+      max_search_bytes: bytes of logits per tile (None: the device's default, 1 MiB on the
+        CPU, 256 MiB on a GPU).
     The codebook starts from N(0, 1), ``nn.Embedding``'s default, which the official code keeps.
     """
 
@@ -52,9 +52,9 @@ class IBQQuantizer(CodebookQuantizer):
         entropy_temperature: float = 0.01,
         sample_entropy_weight: float = 1.0,
         batch_entropy_weight: float = 1.0,
-        max_search_elements: int = DEFAULT_TILE_ELEMENTS,
+        max_search_bytes: int | None = None,
     ):
-        super().__init__(num_codes, code_dim, beta, "dot", max_search_elements)
+        super().__init__(num_codes, code_dim, beta, "dot", max_search_bytes)
         for name, value in (
             ("codebook_loss_weight", codebook_loss_weight),
             ("entropy_weight", entropy_weight),
@@ -87,7 +87,7 @@ class IBQQuantizer(CodebookQuantizer):
             stats = softmax_stats(
                 rows.detach(),
                 codes.detach(),
-                self.max_search_elements,
+                self.max_search_bytes,
                 argmax=True,
                 logsumexp=gradient,
                 temperature=tau if entropy else None,
@@ -97,7 +97,7 @@ class IBQQuantizer(CodebookQuantizer):
                 packed = all_reduce_sum(torch.cat([stats.mass, rows.new_tensor([len(rows)])]))
                 mean_p, scale = packed[:-1] / packed[-1], world_size() / packed[-1]
             quantized, sample, batch = CodeSoftmax.apply(
-                rows, codes, stats, mean_p, tau, scale, self.max_search_elements
+                rows, codes, stats, mean_p, tau, scale, self.max_search_bytes
             )
             chosen = F.embedding(stats.index, codes)
             codebook_loss = F.mse_loss(chosen, rows.detach())

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from .core import Quantizer, QuantizerOutput, _check, straight_through
 from .distributed import all_reduce_sum, world_size
-from .search import DEFAULT_TILE_ELEMENTS
 from .softmax import CodeSoftmax, softmax_stats
 
 # K = 2^d codes are counted per batch (``counts``): d is bounded so that this stays small
@@ -61,7 +60,8 @@ class LFQQuantizer(Quantizer):
       sample_entropy_weight, batch_entropy_weight: the weights of the two entropies (1, 1).
       entropy_group_bits: the most bits whose 2^bits codes the batch entropy covers jointly
         (14).
-      max_search_elements: logits per tile of the batch entropy's softmax.
+      max_search_bytes: bytes of logits per tile of the batch entropy's softmax (None: the
+        device's default).
 
     Indices: B×H×W integers Σ_i 2^i·[z_i > 0], channel 0 the least significant bit (the paper's
     Eq. and Open-MAGVIT2; vector-quantize-pytorch makes channel 0 the most significant).
@@ -76,7 +76,7 @@ class LFQQuantizer(Quantizer):
         sample_entropy_weight: float = 1.0,
         batch_entropy_weight: float = 1.0,
         entropy_group_bits: int = 14,
-        max_search_elements: int = DEFAULT_TILE_ELEMENTS,
+        max_search_bytes: int | None = None,
     ):
         super().__init__()
         _check(
@@ -100,8 +100,8 @@ class LFQQuantizer(Quantizer):
             f"entropy_group_bits must be an integer >= 1, got {entropy_group_bits!r}",
         )
         _check(
-            max_search_elements >= 1,
-            f"max_search_elements must be >= 1, got {max_search_elements!r}",
+            max_search_bytes is None or max_search_bytes >= 4,
+            f"max_search_bytes must be >= 4 (one score) or None, got {max_search_bytes!r}",
         )
         self.code_dim = code_dim
         self.num_codes = 2**code_dim
@@ -111,7 +111,7 @@ class LFQQuantizer(Quantizer):
         self.sample_entropy_weight = sample_entropy_weight
         self.batch_entropy_weight = batch_entropy_weight
         self.entropy_group_bits = entropy_group_bits
-        self.max_search_elements = max_search_elements
+        self.max_search_bytes = max_search_bytes
         self.groups = bit_groups(code_dim, entropy_group_bits)
         self.register_buffer("_powers", 2 ** torch.arange(code_dim), persistent=False)
 
@@ -130,7 +130,7 @@ class LFQQuantizer(Quantizer):
         detached = rows.detach()
         codes = [self._group_codes(b - a, rows.device) for a, b in self.groups]
         stats = [
-            softmax_stats(detached[:, a:b], c, self.max_search_elements, temperature=tau)
+            softmax_stats(detached[:, a:b], c, self.max_search_bytes, temperature=tau)
             for (a, b), c in zip(self.groups, codes)
         ]
         for s in stats:  # only the batch's mass is needed
@@ -146,7 +146,7 @@ class LFQQuantizer(Quantizer):
                 mass / total,
                 tau,
                 world_size() / total,
-                self.max_search_elements,
+                self.max_search_bytes,
             )[2]
             for (a, b), c, s, mass in zip(self.groups, codes, stats, masses)
         )

@@ -1,9 +1,11 @@
-"""Nearest-code search fused with the CVQ anchor draw, in tiles that fit in cache.
+"""Nearest-code search fused with the CVQ anchor draw, in tiles sized for the device.
 
-The N×K score matrix is never materialised: rows are processed in tiles of at most
-``tile_elements // K`` vectors (1 MiB of float32 scores by default). One pass over the tiles
-gives every vector's nearest code and, from the same tile of scores, each code's anchor
-candidate (CVQ-VAE Sec. 3.2):
+The N×K score matrix is never materialised: it is computed in tiles of ``rows × codes`` scores
+of at most a memory budget (:func:`search_budget`: 1 MiB on the CPU, where a tile stays in a
+core's cache; 256 MiB on a GPU, where few large kernels beat many small ones), the whole
+codebook per tile when the budget leaves at least ``MIN_TILE_ROWS`` rows, else chunks of codes
+with a running best per row across them. One pass over the tiles gives every vector's nearest
+code and, from the same tile of scores, each code's anchor candidate (CVQ-VAE Sec. 3.2):
 
 - "closest": a running maximum per code over the tiles; when a tile improves it for some
   codes, their rows in that tile are found from the tile's scores (an argmax over the few
@@ -17,11 +19,11 @@ candidate (CVQ-VAE Sec. 3.2):
   never N×K. The returned score, the maximum of (log-mass + Gumbel), is itself a Gumbel-max
   value of the whole set, so maxima across processes stay an exact draw.
 
-Memory besides the inputs and outputs: one or two tiles of scores and O(K) running values,
+Memory besides the inputs and outputs: a few tiles of scores and O(K) running values,
 whatever N.
 Ties: among equal scores the first index wins (the lowest code for a row; the first row for a
-code), as ``argmax`` on the dense matrix does. When there are more codes than rows in a tile, a
-tile is computed K×rows (a tall product is several times faster on the CPU); the same vector at
+code), as ``argmax`` on the dense matrix does. When a tile has more codes than rows it is
+computed codes×rows (a tall product is several times faster on the CPU); the same vector at
 two positions of such a tile can then round differently in the last bit, so among identical
 features any one may be a code's anchor (the anchor itself is the same).
 
@@ -31,6 +33,8 @@ squared Euclidean distance for ``"l2"``. Callers pass float32 tensors.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -40,10 +44,36 @@ import torch.nn.functional as F
 DISTANCES = ("l2", "cosine")
 ANCHORED = (None, "closest", "probabilistic")
 
-# scores per tile: 2**18 float32 = 1 MiB, which stays in a core's L2 cache
-DEFAULT_TILE_ELEMENTS = 2**18
+# bytes of float32 scores per tile: 1 MiB stays in a core's L2 cache; on a GPU a tile is a
+# kernel launch or several, and 256 MiB makes even 2 million rows × 1,024 codes 32 tiles
+DEFAULT_SEARCH_BYTES = {"cpu": 2**20}
+DEVICE_SEARCH_BYTES = 2**28
+# a tile takes the whole codebook if that leaves at least this many rows, else chunks of codes
+MIN_TILE_ROWS = 64
 # codes per block of the two-level argmax on the CPU
 BLOCK = 32
+
+
+def search_budget(device: torch.device, max_bytes: int | None = None) -> int:
+    """Scores (float32 elements) per tile: ``max_bytes``, or the device's default."""
+    if max_bytes is None:
+        max_bytes = DEFAULT_SEARCH_BYTES.get(device.type, DEVICE_SEARCH_BYTES)
+    return max(1, max_bytes // 4)
+
+
+def tile_shape(n: int, k: int, elements: int) -> tuple[int, int]:
+    """(rows, codes) of a tile of at most ``elements`` scores (at least 1×1): the whole codebook
+    when that leaves ``MIN_TILE_ROWS`` rows (or all of them), else chunks of codes."""
+    if k * min(n, MIN_TILE_ROWS) <= elements:
+        return max(1, min(n, elements // max(k, 1))), k
+    rows = max(1, min(n, MIN_TILE_ROWS, elements))
+    return rows, max(1, min(k, elements // rows))
+
+
+def tiles_per_search(n: int, k: int, elements: int) -> int:
+    """How many tiles a search of ``n`` rows among ``k`` codes takes."""
+    rows, codes = tile_shape(n, k, elements)
+    return -(-n // rows) * -(-k // codes)
 
 
 @dataclass
@@ -111,6 +141,17 @@ def _exact_float32(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = previous
 
 
+@functools.cache
+def triton_kernels():
+    """:mod:`.triton_search`, or None where it cannot run: no Triton, or this code travelling
+    alone as an exported tokenizer's model.py (then the PyTorch path searches). A string import,
+    so that neither Triton nor that module is a requirement of the exported file."""
+    try:
+        return importlib.import_module(f"{__package__}.triton_search")
+    except ImportError:
+        return None
+
+
 @torch.no_grad()
 def search_and_anchor(
     x: torch.Tensor,
@@ -118,87 +159,135 @@ def search_and_anchor(
     distance: str = "l2",
     anchor: str | None = None,
     generator: torch.Generator | None = None,
-    tile_elements: int = DEFAULT_TILE_ELEMENTS,
+    max_bytes: int | None = None,
     sync_free: bool | None = None,
+    kernel: str | None = None,
 ) -> Search:
     """Every row's nearest code in ``codebook`` (Eq. 2 of CVQ-VAE) and, with ``anchor``
-    ("closest" or "probabilistic"), every code's anchor candidate, in one pass over tiles of
-    rows (see the module docstring). ``sync_free`` (default: on any device but the CPU) finds
-    the anchor candidates without asking the host which codes a tile improved (a wait for the
-    device per tile on a GPU): for every code in every tile, the closest row, or for
-    "probabilistic" a row drawn by inverse CDF over the tile's masses (exact up to float
-    rounding of their running sum)."""
+    ("closest" or "probabilistic"), every code's anchor candidate, in one pass over tiles of at
+    most ``max_bytes`` of scores (default: :func:`search_budget`'s for the device; see the
+    module docstring). ``sync_free`` (default: on any device but the CPU) finds the anchor
+    candidates without asking the host which codes a tile improved (a wait for the device per
+    tile on a GPU): for every code in every tile, the closest row, or for "probabilistic" a row
+    drawn by inverse CDF over the tile's masses (exact up to float rounding of their running
+    sum). ``kernel``: "triton" (the fused kernels of :mod:`.triton_search`: two launches, no
+    tile of scores in memory), "torch" (the tiles here), or None: Triton on a CUDA device where
+    it is installed, else torch."""
     if anchor not in ANCHORED:
         raise ValueError(f"anchor must be one of {ANCHORED}, got {anchor!r}")
+    if kernel is None:
+        kernel = "triton" if x.is_cuda and triton_kernels() is not None else "torch"
+    if kernel == "triton":
+        with _exact_float32(x.device):
+            return Search(
+                *triton_kernels().search_and_anchor(x, codebook, distance, anchor, generator)
+            )
     sync_free = x.device.type != "cpu" if sync_free is None else sync_free
+    elements = search_budget(x.device, max_bytes)
     with _exact_float32(x.device):
-        return _search(x, codebook, distance, anchor, generator, tile_elements, sync_free)
+        return _search(x, codebook, distance, anchor, generator, elements, sync_free)
 
 
-def _search(x, codebook, distance, anchor, generator, tile_elements, sync_free) -> Search:
+def _search(x, codebook, distance, anchor, generator, elements, sync_free) -> Search:
     n, k, device = len(x), len(codebook), x.device
-    step = min(max(1, tile_elements // max(k, 1)), max(n, 1))
+    step, width = tile_shape(n, k, elements)
     # a matrix product with a tall output runs several times faster on the CPU than its
-    # transpose: with more codes than tile rows, tiles are K×rows (codes along dim 0)
-    by_code = k > step
+    # transpose: with more codes than rows in a tile, tiles are codes×rows (codes along dim 0)
+    by_code = width > step
     codes = _codes(codebook, distance)  # K×d'
     codes = codes if by_code else codes.t().contiguous()
     along_rows = 1 if by_code else 0  # the tile's dimension of rows
     indices = torch.empty(n, dtype=torch.long, device=device)
     best = torch.full((k,), float("-inf"), device=device)
     where = torch.zeros(k, dtype=torch.long, device=device)
-    shape = (k, step) if by_code else (step, k)
+    shape = (width, step) if by_code else (step, width)
     scores = torch.empty(shape, device=device)
     mass = torch.empty(shape, device=device) if anchor == "probabilistic" else None
+    chunks = [(c0, min(c0 + width, k)) for c0 in range(0, k, width)]
     for start in range(0, n, step):
         stop = min(start + step, n)
         rows = _rows(x[start:stop], distance)
-        if by_code:  # out= only for whole tiles (a partial one would be a strided view)
-            s = torch.mm(codes, rows.t(), out=scores if stop - start == step else None)
-        else:
-            s = torch.mm(rows, codes, out=scores[: stop - start])
-        indices[start:stop] = _first_argmax(s, 1 - along_rows)
-        if anchor is None:
-            continue
-        if anchor == "closest":
-            value = s.amax(along_rows)
-        else:  # the tile's log-mass per code plus Gumbel noise: a Gumbel-max over tiles
-            top = s.amax(along_rows) if distance == "l2" else s.new_zeros(k)  # cosine: |s| <= 1
-            out = mass if s.shape == mass.shape else None
-            e = torch.sub(s, top.unsqueeze(along_rows), out=out).exp_()
-            value = e.sum(along_rows).log_().add_(top).add_(_gumbel(k, generator, device))
-        if sync_free:  # every code's row in this tile, kept where the tile leads
-            if anchor == "closest":
-                row = s.argmax(along_rows)
+        row_best = row_code = None  # running over the chunks of codes
+        for c0, c1 in chunks:
+            whole = stop - start == step and c1 - c0 == width  # out= for whole tiles only
+            if by_code:
+                s = torch.mm(codes[c0:c1], rows.t(), out=scores if whole else None)
             else:
-                cdf = e.cumsum(along_rows)
-                total = cdf.select(along_rows, -1)
-                u = torch.rand(k, generator=generator, device=device).mul_(total)
-                row = (cdf < u.unsqueeze(along_rows)).sum(along_rows).clamp_(max=stop - start - 1)
-            lead = value > best
-            where = torch.where(lead, row + start, where)
-            best = torch.where(lead, value, best)
-            continue
-        # the codes whose candidate is now in this tile: their row within it (for
-        # "probabilistic" a Gumbel-max draw in the tile, independent of the tile's selection)
-        better = (value > best).nonzero().flatten()
-        if len(better):
-            column = s.index_select(1 - along_rows, better)
-            if anchor == "probabilistic":
-                column += _gumbel(column.shape, generator, device)
-            where[better] = column.argmax(along_rows) + start
-            best[better] = value[better]
+                s = torch.mm(rows, codes[:, c0:c1], out=scores if whole else None)
+            nearest = _first_argmax(s, 1 - along_rows)
+            if len(chunks) == 1:
+                indices[start:stop] = nearest
+            else:  # strictly better: an earlier chunk keeps a tie (the lowest code wins)
+                value = s.amax(1 - along_rows)
+                if row_best is None:
+                    row_best, row_code = value, nearest + c0
+                else:
+                    lead = value > row_best
+                    row_code = torch.where(lead, nearest + c0, row_code)
+                    row_best = torch.where(lead, value, row_best)
+            if anchor is not None:
+                _anchors(
+                    s,
+                    along_rows,
+                    anchor,
+                    distance,
+                    start,
+                    stop,
+                    best[c0:c1],
+                    where[c0:c1],
+                    mass,
+                    generator,
+                    sync_free,
+                )
+        if len(chunks) > 1:
+            indices[start:stop] = row_code
     if anchor is None:
         return Search(indices)
     return Search(indices, best, where)
+
+
+def _anchors(
+    s, along_rows, anchor, distance, start, stop, best, where, mass, generator, sync_free
+) -> None:
+    """Update the anchor candidates (``best``, ``where``: views of these codes' running values)
+    from a tile of scores ``s`` of rows ``start:stop``."""
+    k, device = s.shape[1 - along_rows], s.device
+    if anchor == "closest":
+        value = s.amax(along_rows)
+    else:  # the tile's log-mass per code plus Gumbel noise: a Gumbel-max over tiles
+        top = s.amax(along_rows) if distance == "l2" else s.new_zeros(k)  # cosine: |s| <= 1
+        out = mass if s.shape == mass.shape else None
+        e = torch.sub(s, top.unsqueeze(along_rows), out=out).exp_()
+        value = e.sum(along_rows).log_().add_(top).add_(_gumbel(k, generator, device))
+    if sync_free:  # every code's row in this tile, kept where the tile leads
+        if anchor == "closest":
+            row = s.argmax(along_rows)
+        else:
+            cdf = e.cumsum(along_rows)
+            total = cdf.select(along_rows, -1)
+            u = torch.rand(k, generator=generator, device=device).mul_(total)
+            row = (cdf < u.unsqueeze(along_rows)).sum(along_rows).clamp_(max=stop - start - 1)
+        lead = value > best
+        where.copy_(torch.where(lead, row + start, where))
+        best.copy_(torch.where(lead, value, best))
+        return
+    # the codes whose candidate is now in this tile: their row within it (for "probabilistic"
+    # a Gumbel-max draw in the tile, independent of the tile's selection)
+    better = (value > best).nonzero().flatten()
+    if len(better):
+        column = s.index_select(1 - along_rows, better)
+        if anchor == "probabilistic":
+            column += _gumbel(column.shape, generator, device)
+        where[better] = column.argmax(along_rows) + start
+        best[better] = value[better]
 
 
 def nearest_code(
     x: torch.Tensor,
     codebook: torch.Tensor,
     distance: str = "l2",
-    tile_elements: int = DEFAULT_TILE_ELEMENTS,
+    max_bytes: int | None = None,
 ) -> torch.Tensor:
     """Index of the closest code for every row of ``x`` (N×d) in ``codebook`` (K×d): a long
     tensor of length N."""
-    return search_and_anchor(x, codebook, distance, tile_elements=tile_elements).indices
+    return search_and_anchor(x, codebook, distance, max_bytes=max_bytes).indices

@@ -18,7 +18,7 @@ class SimVQQuantizer(CodebookQuantizer):
     VQ-VAE loss ‖sg[z] − q‖² + beta·‖z − sg[q]‖² (Algorithm 1, the official code with
     ``legacy: false``), whose first term is what trains W; z_q has the identity gradient to z.
 
-    Options (besides ``num_codes``, ``code_dim``, ``beta``, ``distance``, ``max_search_elements``):
+    Options (besides ``num_codes``, ``code_dim``, ``beta``, ``distance``, ``max_search_bytes``):
       codebook_seed: the seed of C (0).
 
     vector-quantize-pytorch's ``SimVQ`` differs by default: no bias in the linear map and the

@@ -1,9 +1,10 @@
 """The softmax of the logits z·e_k over every code k, in tiles: IBQ's straight-through one-hot and
 the entropy penalty of LFQ and IBQ, without ever holding the N×K matrix.
 
-Rows are processed in tiles of ``rows × codes`` logits (:func:`tile_shape`, at most the tile
-budget); a tile covers the whole codebook when the budget allows, else chunks of codes with
-running per-row values (maximum, log-sum-exp) across the chunks. The forward pass keeps O(N + K)
+Rows are processed in tiles of ``rows × codes`` logits of at most a memory budget (the search's:
+:func:`~.search.tile_shape`, :func:`~.search.search_budget`); a tile covers the whole codebook
+when the budget allows, else chunks of codes with running per-row values (maximum,
+log-sum-exp) across the chunks. The forward pass keeps O(N + K)
 numbers (:class:`SoftmaxStats`); the backward pass recomputes the tiles (twice when the codebook
 is chunked: once for the per-row sums the softmax Jacobian needs, once for the gradients).
 
@@ -21,16 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-# a tile takes the whole codebook if that leaves at least this many rows, else chunks of codes
-MIN_TILE_ROWS = 64
-
-
-def tile_shape(n: int, k: int, budget: int) -> tuple[int, int]:
-    """(rows, codes) of a tile of at most ``budget`` logits (at least 1×1)."""
-    if k * min(n, MIN_TILE_ROWS) <= budget:
-        return max(1, min(n, budget // k)), k
-    rows = max(1, min(n, MIN_TILE_ROWS, budget))
-    return rows, max(1, min(k, budget // rows))
+from .search import search_budget, tile_shape
 
 
 @dataclass
@@ -61,7 +53,7 @@ def _merge_lse(m: torch.Tensor, s: torch.Tensor, logits: torch.Tensor) -> None:
 def softmax_stats(
     z: torch.Tensor,
     codes: torch.Tensor,
-    budget: int,
+    max_bytes: int | None,
     argmax: bool = False,
     logsumexp: bool = False,
     temperature: float | None = None,
@@ -69,9 +61,9 @@ def softmax_stats(
     """What the forward pass needs of softmax(z·codesᵀ), for N×d ``z`` and K×d ``codes`` (float32):
     the argmax, the log-sum-exp, and with ``temperature`` the per-row entropies and the summed
     probabilities at that temperature (a second pass over the tiles when the codebook is
-    chunked)."""
+    chunked). Tiles of at most ``max_bytes`` of logits (None: the device's default)."""
     n, k = len(z), len(codes)
-    rows, step = tile_shape(n, k, budget)
+    rows, step = tile_shape(n, k, search_budget(z.device, max_bytes))
     chunks = _chunks(k, step)
     stats = SoftmaxStats()
     if argmax:
@@ -120,7 +112,7 @@ def entropy_of(p: torch.Tensor) -> torch.Tensor:
 
 class CodeSoftmax(torch.autograd.Function):
     """``(z_q, sample_entropy, batch_entropy) = CodeSoftmax.apply(z, codes, stats, mean_p,
-    temperature, batch_scale, budget)``.
+    temperature, batch_scale, max_bytes)``.
 
     - ``z_q`` = codes[stats.index] (exactly), with the gradient of IBQ's one-hot
       straight-through (an empty N×0 tensor when ``stats.index`` is None);
@@ -133,13 +125,9 @@ class CodeSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, codes, stats: SoftmaxStats, mean_p, temperature, batch_scale, budget):
-        ctx.stats, ctx.temperature, ctx.batch_scale, ctx.budget = (
-            stats,
-            temperature,
-            batch_scale,
-            budget,
-        )
+    def forward(ctx, z, codes, stats: SoftmaxStats, mean_p, temperature, batch_scale, max_bytes):
+        ctx.stats, ctx.temperature, ctx.batch_scale = stats, temperature, batch_scale
+        ctx.elements = search_budget(z.device, max_bytes)
         ctx.save_for_backward(z, codes, mean_p)
         zero = z.new_zeros(())
         z_q = z.new_empty(len(z), 0) if stats.index is None else codes[stats.index]
@@ -163,7 +151,7 @@ class CodeSoftmax(torch.autograd.Function):
         if not straight and sample is None and batch is None:
             return dz, dcodes, None, None, None, None, None
         n, k = len(z), len(codes)
-        rows, step = tile_shape(n, k, ctx.budget)
+        rows, step = tile_shape(n, k, ctx.elements)
         chunks = _chunks(k, step)
         for r0 in range(0, n, rows):
             sl = slice(r0, r0 + rows)
