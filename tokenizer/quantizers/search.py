@@ -104,14 +104,16 @@ def _codes(codebook: torch.Tensor, distance: str) -> torch.Tensor:
     return torch.cat([codebook, ones, -codebook.pow(2).sum(1, keepdim=True)], 1)
 
 
-def _first_argmax(s: torch.Tensor, dim: int) -> torch.Tensor:
-    """``s.argmax(dim)`` of a 2-D tile (the first index on ties). On the CPU, where torch's
-    argmax is not vectorised but its ``amax`` is (~10× faster per element), in two levels: the
-    first block of ``BLOCK`` entries holding the maximum, then the first maximum within it:
-    2-3× faster at 256 … 1024 codes, and exactly the same index."""
+def _first_argmax(s: torch.Tensor, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``s.argmax(dim)`` of a 2-D tile (the first index on ties), into ``out`` if given. On the
+    CPU, where torch's argmax is not vectorised but its ``amax`` is (~10× faster per element),
+    in two levels: the first block of ``BLOCK`` entries holding the maximum, then the first
+    maximum within it: 2-3× faster at 256 … 1024 codes, and exactly the same index."""
     k = s.shape[dim]
     if s.device.type != "cpu" or k % BLOCK or k < 4 * BLOCK:
-        return s.argmax(dim)
+        return torch.argmax(s, dim, out=out)
+    if out is not None:
+        return out.copy_(_first_argmax(s, dim))
     if dim == 1:
         blocks = s.view(len(s), k // BLOCK, BLOCK)
         block = blocks.amax(2).argmax(1)
@@ -168,9 +170,10 @@ def search_and_anchor(
     most ``max_bytes`` of scores (default: :func:`search_budget`'s for the device; see the
     module docstring). ``sync_free`` (default: on any device but the CPU) finds the anchor
     candidates without asking the host which codes a tile improved (a wait for the device per
-    tile on a GPU): for every code in every tile, the closest row, or for "probabilistic" a row
-    drawn by inverse CDF over the tile's masses (exact up to float rounding of their running
-    sum). ``kernel``: "triton" (the fused kernels of :mod:`.triton_search`: two launches, no
+    tile on a GPU), in a few operators per tile: for every code in every tile the closest row,
+    or for "probabilistic" the row of the largest score + Gumbel noise (a noise value per score
+    of the tile: an exact draw, and its maximum a Gumbel-max value as above). ``kernel``:
+    "triton" (the fused kernels of :mod:`.triton_search`: two launches, no
     tile of scores in memory), "torch" (the tiles here), or None: Triton on a CUDA device where
     it is installed, else torch."""
     if anchor not in ANCHORED:
@@ -204,9 +207,11 @@ def _search(x, codebook, distance, anchor, generator, elements, sync_free) -> Se
     scores = torch.empty(shape, device=device)
     mass = torch.empty(shape, device=device) if anchor == "probabilistic" else None
     chunks = [(c0, min(c0 + width, k)) for c0 in range(0, k, width)]
+    # the rows' operand at once when it fits in a tile's budget (fewer operators), else per tile
+    operand = _rows(x, distance) if n * (x.shape[1] + 2) <= elements else None
     for start in range(0, n, step):
         stop = min(start + step, n)
-        rows = _rows(x[start:stop], distance)
+        rows = _rows(x[start:stop], distance) if operand is None else operand[start:stop]
         row_best = row_code = None  # running over the chunks of codes
         for c0, c1 in chunks:
             whole = stop - start == step and c1 - c0 == width  # out= for whole tiles only
@@ -214,10 +219,10 @@ def _search(x, codebook, distance, anchor, generator, elements, sync_free) -> Se
                 s = torch.mm(codes[c0:c1], rows.t(), out=scores if whole else None)
             else:
                 s = torch.mm(rows, codes[:, c0:c1], out=scores if whole else None)
-            nearest = _first_argmax(s, 1 - along_rows)
-            if len(chunks) == 1:
-                indices[start:stop] = nearest
+            if len(chunks) == 1:  # into its place: no copy
+                _first_argmax(s, 1 - along_rows, out=indices[start:stop])
             else:  # strictly better: an earlier chunk keeps a tie (the lowest code wins)
+                nearest = _first_argmax(s, 1 - along_rows)
                 value = s.amax(1 - along_rows)
                 if row_best is None:
                     row_best, row_code = value, nearest + c0
@@ -252,6 +257,14 @@ def _anchors(
     """Update the anchor candidates (``best``, ``where``: views of these codes' running values)
     from a tile of scores ``s`` of rows ``start:stop``."""
     k, device = s.shape[1 - along_rows], s.device
+    if sync_free:  # every code's best row in this tile, kept where the tile leads
+        if anchor == "probabilistic":  # + Gumbel noise, −log Exp(1): an exact draw per code
+            s = s.sub_(torch.empty_like(s).exponential_(generator=generator).log_())
+        value, row = s.max(along_rows)  # the first row on ties
+        lead = value > best
+        where.copy_(torch.where(lead, row + start, where))
+        best.copy_(torch.where(lead, value, best))
+        return
     if anchor == "closest":
         value = s.amax(along_rows)
     else:  # the tile's log-mass per code plus Gumbel noise: a Gumbel-max over tiles
@@ -259,18 +272,6 @@ def _anchors(
         out = mass if s.shape == mass.shape else None
         e = torch.sub(s, top.unsqueeze(along_rows), out=out).exp_()
         value = e.sum(along_rows).log_().add_(top).add_(_gumbel(k, generator, device))
-    if sync_free:  # every code's row in this tile, kept where the tile leads
-        if anchor == "closest":
-            row = s.argmax(along_rows)
-        else:
-            cdf = e.cumsum(along_rows)
-            total = cdf.select(along_rows, -1)
-            u = torch.rand(k, generator=generator, device=device).mul_(total)
-            row = (cdf < u.unsqueeze(along_rows)).sum(along_rows).clamp_(max=stop - start - 1)
-        lead = value > best
-        where.copy_(torch.where(lead, row + start, where))
-        best.copy_(torch.where(lead, value, best))
-        return
     # the codes whose candidate is now in this tile: their row within it (for "probabilistic"
     # a Gumbel-max draw in the tile, independent of the tile's selection)
     better = (value > best).nonzero().flatten()

@@ -85,7 +85,8 @@ def softmax_stats(
             if argmax:
                 value, where = logits.max(1)
                 lead = value > best  # strictly: an earlier chunk keeps a tie
-                stats.index[r0 : r0 + len(zr)][lead] = where[lead] + c0
+                index = stats.index[r0 : r0 + len(zr)]  # no boolean indexing: no host wait
+                index.copy_(torch.where(lead, where + c0, index))
                 best = torch.where(lead, value, best)
             if logsumexp:
                 _merge_lse(m1, s1, logits)
