@@ -25,9 +25,14 @@ from engine.config import check_types, require
 from engine.data import DataConfig, ReadableItems, build_dataset, collate_readable
 from engine.distributed import main_process_decides
 from engine.fid import inception_features
-from pipelines.sampling import image_labels, is_conditional, sample_images
+from pipelines.sampling import (
+    image_labels,
+    is_conditional,
+    sample_images,
+)
 
 CACHE_ENV = "NEVERCOLLAPSE_FID_CACHE"
+NO_WEIGHTS = 3  # exit status when the Inception weights cannot be had (scripts/demo.sh uses it)
 
 
 @dataclass

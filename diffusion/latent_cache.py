@@ -32,7 +32,8 @@ import math
 import os
 import struct
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +44,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
-from engine.config import from_mapping, require
+from engine.config import check_types, from_mapping, require
 from engine.data import PARTS, DataConfig, ReadableItems, build_dataset, collate_readable
 from engine.distributed import main_process_decides
+from pipelines.sampling import DTYPES
 from tokenizer.model import VQTokenizer
 
 # 1: float32 only, mirror images in a second half, no statistics; 2: shards of shard_size items,
@@ -62,10 +64,50 @@ SETTINGS = (
     "dtype",
     "precision",
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # numpy has no bfloat16: its values are mapped as uint16 and reinterpreted by torch
 _NUMPY = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16, "I64": np.int64}
 _TORCH = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64}
+
+
+@dataclass
+class CacheConfig:
+    """``cache`` section of a diffusion config: how :func:`build_latent_cache` encodes a part.
+
+    dir: where the encoded latents go (default in training: OUTPUT_DIR/latents, and the
+      validation part's beside it, DIR-validation). A cache built for another tokenizer or data
+      config is refused, never reused.
+    quantized: cache the quantized latents z_q (default) or, if false, the pre-quantization
+      latents (LDM's original choice).
+    flips: also cache every image's horizontal flip (from the same decode).
+    dtype: storage of the latents: "float32", or "bfloat16" / "float16" for half the disk and
+      page cache (items are float32 again when read).
+    batch_size: images per encoding batch.
+    shard_size: latents per safetensors shard (even with flips).
+    num_workers: DataLoader workers decoding images while the tokenizer encodes.
+    The encoder runs under ``train.mixed_precision`` (the quantizer searches in float32).
+    """
+
+    dir: str | None = None
+    quantized: bool = True
+    flips: bool = False
+    dtype: str = "float32"
+    batch_size: int = 64
+    shard_size: int = 4096
+    num_workers: int = 0
+
+    def __post_init__(self):
+        check_types(self, "cache")
+        require(self.batch_size >= 1, "cache.batch_size", self.batch_size, "must be >= 1")
+        require(self.shard_size >= 1, "cache.shard_size", self.shard_size, "must be >= 1")
+        require(
+            not self.flips or self.shard_size % 2 == 0,
+            "cache.shard_size",
+            self.shard_size,
+            "with cache.flips, shard_size must be even (an image and its mirror image share a "
+            "shard)",
+        )
+        require(self.dtype in DTYPES, "cache.dtype", self.dtype, f"choose one of {list(DTYPES)}")
+        require(self.num_workers >= 0, "cache.num_workers", self.num_workers, "must be >= 0")
 
 
 class StaleCacheError(RuntimeError):
@@ -218,61 +260,63 @@ def _merge(a: tuple[int, float, float], b: tuple[int, float, float]) -> tuple[in
 def _encode_shards(
     tokenizer: VQTokenizer,
     dataset: Dataset,
-    root: Path,
+    config: CacheConfig,
     shards: list[int],
-    shard_size: int,
-    flips: bool,
-    quantized: bool,
-    dtype: torch.dtype,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    autocast: Callable[[], Any],
+    accelerator: Accelerator | None,
 ) -> None:
-    """Encode and write ``shards`` (see the module docstring for what each holds). Images are
-    decoded once by ``num_workers`` loader workers; an unreadable one is left out and named in
-    its shard. The encoder runs under ``autocast()`` (the quantizer searches in float32 whatever
-    autocast says)."""
+    """Encode and write ``shards`` into ``config.dir`` (see the module docstring for what each
+    holds). Images are decoded once by ``config.num_workers`` loader workers; an unreadable one
+    is left out and named in its shard. The tokenizer encodes in eval mode on
+    ``accelerator.device`` (else its own device) under the accelerator's autocast (the quantizer
+    searches in float32 whatever autocast says)."""
+    device = accelerator.device if accelerator else next(tokenizer.parameters()).device
+    autocast = accelerator.autocast if accelerator else contextlib.nullcontext
+    root, dtype = Path(config.dir), DTYPES[config.dtype]
     chunks, owner = [], []  # image ranges of at most batch_size, none crossing a shard
     for k in shards:
-        images = _images(k, shard_size, flips, len(dataset))
-        for start in range(images.start, images.stop, batch_size):
-            chunks.append(list(range(start, min(start + batch_size, images.stop))))
+        images = _images(k, config.shard_size, config.flips, len(dataset))
+        for start in range(images.start, images.stop, config.batch_size):
+            chunks.append(list(range(start, min(start + config.batch_size, images.stop))))
             owner.append(k)
     loader = DataLoader(
         ReadableItems(dataset),
         batch_sampler=chunks,
         collate_fn=collate_readable,
-        num_workers=num_workers,
+        num_workers=config.num_workers,
         pin_memory=device.type == "cuda",
         # a private generator: processes encode different numbers of shards, and must not leave
         # with different global random states
         generator=torch.Generator(),
     )
+    was_training = tokenizer.training
+    tokenizer.to(device).eval()
     latents: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []  # of the shard being encoded
     unreadable: list[str] = []
-    for i, batch in enumerate(loader):
-        unreadable += batch["unreadable"]
-        if len(batch["index"]):
-            x = batch["pixel_values"].to(device, non_blocking=True)
-            y = batch["label"].long()
-            if flips:
-                x = torch.cat([x, x.flip(-1)])
-            with autocast():
-                h = tokenizer.encode(x).latents
-            # the quantizer gets float32 latents, so z_q holds its float32 codes exactly
-            z = tokenizer.quantize(h.float()).z_q if quantized else h.float()
-            if flips:  # image i, then its mirror image
-                z = torch.stack([z[: len(y)], z[len(y) :]], 1).flatten(0, 1)
-                y = y.repeat_interleave(2)
-            latents.append(z.to(dtype).cpu())
-            labels.append(y)
-        k = owner[i]
-        if i + 1 == len(chunks) or owner[i + 1] != k:  # the shard is done
-            images = _images(k, shard_size, flips, len(dataset))
-            write_shard(root, k, latents, labels, images, unreadable)
-            latents, labels, unreadable = [], [], []
+    try:
+        for i, batch in enumerate(loader):
+            unreadable += batch["unreadable"]
+            if len(batch["index"]):
+                x = batch["pixel_values"].to(device, non_blocking=True)
+                y = batch["label"].long()
+                if config.flips:
+                    x = torch.cat([x, x.flip(-1)])
+                with autocast():
+                    h = tokenizer.encode(x).latents
+                # the quantizer gets float32 latents, so z_q holds its float32 codes exactly
+                z = tokenizer.quantize(h.float()).z_q if config.quantized else h.float()
+                if config.flips:  # image i, then its mirror image
+                    z = torch.stack([z[: len(y)], z[len(y) :]], 1).flatten(0, 1)
+                    y = y.repeat_interleave(2)
+                latents.append(z.to(dtype).cpu())
+                labels.append(y)
+            k = owner[i]
+            if i + 1 == len(chunks) or owner[i + 1] != k:  # the shard is done
+                images = _images(k, config.shard_size, config.flips, len(dataset))
+                write_shard(root, k, latents, labels, images, unreadable)
+                latents, labels, unreadable = [], [], []
+    finally:
+        tokenizer.train(was_training)
 
 
 def write_shard(
@@ -341,52 +385,37 @@ def _summary(root: Path, names: list[str]) -> dict[str, Any]:
 def build_latent_cache(
     tokenizer: VQTokenizer,
     data_config: DataConfig | Mapping[str, Any],
-    cache_dir: str | os.PathLike,
+    cache: CacheConfig | str | os.PathLike,
     *,
     part: str = "train",
-    quantized: bool = True,
-    flips: bool = False,
-    dtype: str = "float32",
-    batch_size: int = 64,
-    shard_size: int = 4096,
     accelerator: Accelerator | None = None,
-    num_workers: int = 0,
 ) -> LatentCache:
-    """Encode ``part`` of the data into ``cache_dir`` (or reuse the complete cache there) and
+    """Encode ``part`` of the data into ``cache.dir`` (or reuse the complete cache there) and
     open it on every process.
 
-    ``quantized``: cache z_q (default) or the pre-quantization latents. ``flips``: also cache
-    every image mirrored (see the module docstring for the order; ``shard_size`` must be even).
-    ``dtype``: "float32", "bfloat16" or "float16" storage. Random data augmentations (``flip``,
-    random ``crop``) are replaced by fixed views. A cache of other settings, or of an older
-    format, raises :class:`StaleCacheError`. With an ``accelerator`` of N processes, process r
-    encodes the shards k with k % N == r, under the accelerator's autocast; a restarted build
-    only encodes the missing shards. Every decision about the folder is taken by the main
-    process and broadcast, so all processes enter the same collectives. Encoding runs in eval
-    mode without gradients on ``accelerator.device`` (the tokenizer is moved there) or on the
-    tokenizer's device."""
-    if part not in PARTS or min(batch_size, shard_size) < 1 or dtype not in DTYPES:
-        raise ValueError(
-            f"need part in {PARTS}, batch_size, shard_size >= 1 and dtype in "
-            f"{list(DTYPES)}; got {part!r}, {batch_size}, {shard_size}, {dtype!r}"
-        )
-    if flips and shard_size % 2:
-        raise ValueError(
-            f"with flips, shard_size must be even (an image and its mirror image "
-            f"share a shard); got {shard_size}"
-        )
-    root, config = Path(cache_dir), _data_config(data_config, part)
-    precision = accelerator.mixed_precision if accelerator else "no"
+    ``cache`` says how (:class:`CacheConfig`; a folder stands for the default settings in it).
+    Random data augmentations (``flip``, random ``crop``) are replaced by fixed views. A cache of
+    other settings, or of an older format, raises :class:`StaleCacheError`. With an
+    ``accelerator`` of N processes, process r encodes the shards k with k % N == r, under the
+    accelerator's autocast; a restarted build only encodes the missing shards. Every decision
+    about the folder is taken by the main process and broadcast, so all processes enter the same
+    collectives. Encoding runs in eval mode without gradients on ``accelerator.device`` (the
+    tokenizer is moved there) or on the tokenizer's device."""
+    if not isinstance(cache, CacheConfig):
+        cache = CacheConfig(dir=os.fspath(cache))
+    if part not in PARTS or cache.dir is None:
+        raise ValueError(f"need part in {PARTS} and a cache.dir; got {part!r}, {cache.dir!r}")
+    root, config = Path(cache.dir), _data_config(data_config, part)
     settings = {
         "format": FORMAT,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "tokenizer_config": _tokenizer_config(tokenizer),
         "data": dataclasses.asdict(config),
         "part": part,
-        "quantized": bool(quantized),
-        "flips": bool(flips),
-        "dtype": dtype,
-        "precision": precision,
+        "quantized": cache.quantized,
+        "flips": cache.flips,
+        "dtype": cache.dtype,
+        "precision": accelerator.mixed_precision if accelerator else "no",
     }
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     barrier = accelerator.wait_for_everyone if accelerator else lambda: None
@@ -415,47 +444,28 @@ def build_latent_cache(
                 root,
                 f"a partial cache of {previous['images']} images, not {images} (the data changed)",
             )
-        if previous["shard_size"] != shard_size:
+        if previous["shard_size"] != cache.shard_size:
             warnings.warn(
-                f"resuming {root} with its shard_size {previous['shard_size']} (not {shard_size})",
+                f"resuming {root} with its shard_size {previous['shard_size']} (not "
+                f"{cache.shard_size})",
                 stacklevel=2,
             )
-            shard_size = previous["shard_size"]
+            cache = dataclasses.replace(cache, shard_size=previous["shard_size"])
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        _write_json(root / PENDING, {**settings, "images": images, "shard_size": shard_size})
+        _write_json(root / PENDING, {**settings, "images": images, "shard_size": cache.shard_size})
     barrier()
-    names = _shard_names(images, shard_size, flips)
+    names = _shard_names(images, cache.shard_size, cache.flips)
     todo = [
         k
         for k in range(rank, len(names), world)
-        if not _shard_ok(root / names[k], _images(k, shard_size, flips, images))
+        if not _shard_ok(root / names[k], _images(k, cache.shard_size, cache.flips, images))
     ]
     if todo:
-        device = accelerator.device if accelerator else next(tokenizer.parameters()).device
-        autocast = accelerator.autocast if accelerator else contextlib.nullcontext
-        was_training = tokenizer.training
-        tokenizer.to(device).eval()
-        try:
-            _encode_shards(
-                tokenizer,
-                dataset,
-                root,
-                todo,
-                shard_size,
-                flips,
-                quantized,
-                DTYPES[dtype],
-                batch_size,
-                num_workers,
-                device,
-                autocast,
-            )
-        finally:
-            tokenizer.train(was_training)
+        _encode_shards(tokenizer, dataset, cache, todo, accelerator)
     barrier()
     if rank == 0:
-        complete_cache(root, settings, images, shard_size)
+        complete_cache(root, settings, images, cache.shard_size)
     barrier()
     return _open(root, rank)
 

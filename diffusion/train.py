@@ -1,8 +1,9 @@
 """Stage two training: latent diffusion on the frozen tokenizer's latents, with ``accelerate``.
 
 The config has five sections: ``unet`` (``UNetConfig``), ``data`` (``DataConfig``, the images
-to encode), ``cache`` (``CacheConfig``), ``train`` (``DiffusionTrainConfig``) and ``eval``
-(``EvalConfig``, the FID protocol that ``scripts/eval_fid.py`` follows).
+to encode), ``cache`` (``CacheConfig``, in latent_cache.py), ``train``
+(``DiffusionTrainConfig``) and ``eval`` (``EvalConfig``, the FID protocol that
+``scripts/eval_fid.py`` follows).
 ``scripts/train_diffusion.py`` is the command line.
 """
 
@@ -19,10 +20,13 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from engine.config import ConfigError, check_types, require, to_mapping
+from engine.accelerator import learning_rate, start_accelerator
+from engine.checkpoints import export
+from engine.config import ConfigError, require, to_mapping
 from engine.data import IMAGE_CHOICE, DataConfig, check_source_exists, class_names, describe_parts
 from engine.distributed import check_replicas_agree, check_shared_folder
-from engine.run import Run, RunConfig, export, learning_rate, start_accelerator
+from engine.run import Run
+from engine.run_config import RunConfig
 from engine.weights import init_from
 from pipelines import (
     ClassConditionalLatentDiffusionPipeline,
@@ -33,48 +37,8 @@ from pipelines.export import describe_export
 from tokenizer import VQTokenizer
 
 from .evaluate import EvalConfig
-from .latent_cache import DTYPES, build_latent_cache, measure_scaling_factor
+from .latent_cache import CacheConfig, LatentCache, build_latent_cache, measure_scaling_factor
 from .unet import UNetConfig, build_unet, training_scheduler
-
-
-@dataclass
-class CacheConfig:
-    """``cache`` section.
-
-    dir: where the encoded latents go (default: OUTPUT_DIR/latents). A cache built for another
-      tokenizer or data config is refused, never reused.
-    quantized: cache the quantized latents z_q (default) or, if false, the pre-quantization
-      latents (LDM's original choice).
-    flips: also cache every image's horizontal flip (from the same decode).
-    dtype: storage of the latents: "float32", or "bfloat16" / "float16" for half the disk and
-      page cache (items are float32 again when read).
-    batch_size: images per encoding batch.
-    shard_size: latents per safetensors shard (even with flips).
-    num_workers: DataLoader workers decoding images while the tokenizer encodes.
-    The encoder runs under ``train.mixed_precision`` (the quantizer searches in float32).
-    """
-
-    dir: str | None = None
-    quantized: bool = True
-    flips: bool = False
-    dtype: str = "float32"
-    batch_size: int = 64
-    shard_size: int = 4096
-    num_workers: int = 0
-
-    def __post_init__(self):
-        check_types(self, "cache")
-        require(self.batch_size >= 1, "cache.batch_size", self.batch_size, "must be >= 1")
-        require(self.shard_size >= 1, "cache.shard_size", self.shard_size, "must be >= 1")
-        require(
-            not self.flips or self.shard_size % 2 == 0,
-            "cache.shard_size",
-            self.shard_size,
-            "must be even with cache.flips (an image and its mirror image share a shard)",
-        )
-        require(self.dtype in DTYPES, "cache.dtype", self.dtype, f"choose one of {list(DTYPES)}")
-        require(self.num_workers >= 0, "cache.num_workers", self.num_workers, "must be >= 0")
-
 
 # diffusers' learning-rate schedules (get_scheduler); "piecewise_constant" needs rules we lack
 LR_SCHEDULERS = (
@@ -89,7 +53,7 @@ LR_SCHEDULERS = (
 
 @dataclass
 class DiffusionTrainConfig(RunConfig):
-    """``train`` section: the keys of :class:`engine.run.RunConfig` (defaults below), and
+    """``train`` section: the keys of :class:`engine.run_config.RunConfig` (defaults below), and
 
     learning_rate: AdamW learning rate after warm-up.
     adam_betas, weight_decay: AdamW settings.
@@ -238,44 +202,8 @@ def train_diffusion(
         accelerator.print(note)
     tokenizer.to(accelerator.device)
 
-    cache_dir = Path(config.cache.dir or output_dir / "latents")
-    if config.cache.dir:
-        check_shared_folder(accelerator, cache_dir, "cache.dir")
-    settings = dict(
-        quantized=config.cache.quantized,
-        dtype=config.cache.dtype,
-        batch_size=config.cache.batch_size,
-        shard_size=config.cache.shard_size,
-        accelerator=accelerator,
-        num_workers=config.cache.num_workers,
-    )
-    cache = build_latent_cache(
-        tokenizer, config.data, cache_dir, flips=config.cache.flips, **settings
-    )
-    held_out = build_latent_cache(
-        tokenizer,
-        config.data,
-        cache_dir.with_name(cache_dir.name + "-validation"),
-        part="validation",
-        **settings,
-    )
-    accelerator.print(
-        describe_parts(
-            config.data, cache.metadata["dataset_size"], held_out.metadata["dataset_size"]
-        )
-    )
-    scale = measure_scaling_factor(cache)
-    tokenizer.register_to_config(scaling_factor=float(scale))  # exported with the pipeline
+    cache, held_out, scale = prepare_latents(config, tokenizer, accelerator, output_dir)
     num_classes = config.unet.num_classes
-    if num_classes:
-        low, high = cache.metadata["label_min"], cache.metadata["label_max"]
-        require(
-            low >= 0 and high < num_classes,
-            "unet.num_classes",
-            num_classes,
-            f"the data's labels span {low}..{high} (a class-conditional model needs every "
-            "item labelled in [0, num_classes))",
-        )
     names = class_names(config.data) if num_classes and accelerator.is_main_process else None
     id2label = dict(enumerate(names[:num_classes])) if names else None  # exported, if any
     channels, side = cache.metadata["latent_shape"][0], cache.metadata["latent_shape"][-1]
@@ -340,7 +268,7 @@ def train_diffusion(
                 prediction = unet(noisy, t, class_labels=labels).sample
                 loss = F.mse_loss(prediction.float(), noise.float())
                 accelerator.backward(loss)
-                if not run.finite(loss):
+                if not run.check_finite(loss):
                     optimizer.zero_grad(set_to_none=True)
                     break
                 if train.max_grad_norm is not None and accelerator.sync_gradients:
@@ -351,7 +279,7 @@ def train_diffusion(
         if run.skipped:
             continue
         ema.step(unet.parameters())
-        if run.due(train.log_every):
+        if run.is_due(train.log_every):
             run.log(
                 {
                     "loss": loss.detach(),
@@ -360,15 +288,15 @@ def train_diffusion(
                 },
                 show=("loss",),
             )
-        if run.due(train.validation_steps):
+        if run.is_due(train.validation_steps):
             with _ema_weights(accelerator.unwrap_model(unet), ema) as ema_unet:
                 value = validation_loss(
                     accelerator, ema_unet, held_out, scale, noise_schedule, train, num_classes
                 )
-            if run.validated({"validation/loss": value}, "validation/loss"):
+            if run.record_validation({"validation/loss": value}, "validation/loss"):
                 if accelerator.is_main_process:
                     save_pipeline(output_dir / "pipeline-best")
-        if accelerator.is_main_process and run.due(train.sample_every):
+        if accelerator.is_main_process and run.is_due(train.sample_every):
             with _ema_pipeline(accelerator.unwrap_model(unet), ema, tokenizer, num_classes) as pipe:
                 run.log_image("samples", _samples(pipe, train, num_classes), 4)
 
@@ -386,17 +314,61 @@ def train_diffusion(
             f"pipeline exported to {last} (best validation: {last}-best; latent "
             f"scaling_factor {scale:.4f})"
         )
-        unreadable = [c.metadata["unreadable"] for c in (cache, held_out)]
-        if sum(unreadable):
-            examples = (
-                cache.metadata["unreadable_examples"] + held_out.metadata["unreadable_examples"]
-            )
-            accelerator.print(
-                f"{sum(unreadable)} unreadable file(s) were left out of the latent caches "
-                f"({unreadable[0]} training, {unreadable[1]} validation), e.g. {examples[:3]}"
-            )
+        if left_out := unreadable_note(cache, held_out):
+            accelerator.print(left_out)
     accelerator.end_training()
     return last
+
+
+def prepare_latents(
+    config: DiffusionConfig, tokenizer: VQTokenizer, accelerator, output_dir: Path
+) -> tuple[LatentCache, LatentCache, float]:
+    """The latent caches of the data's training and validation parts (built, or reused, in
+    ``cache.dir``, default OUTPUT_DIR/latents, and beside it in DIR-validation, which never
+    holds flips) and the latent scale 1/std, which is written into the tokenizer's config
+    (``scaling_factor``, exported with the pipeline). A class-conditional model's labels are
+    checked against ``unet.num_classes``."""
+    folder = Path(config.cache.dir or output_dir / "latents")
+    if config.cache.dir:
+        check_shared_folder(accelerator, folder, "cache.dir")
+    train_cache = dataclasses.replace(config.cache, dir=str(folder))
+    validation_cache = dataclasses.replace(
+        config.cache, dir=str(folder.with_name(folder.name + "-validation")), flips=False
+    )
+    cache = build_latent_cache(tokenizer, config.data, train_cache, accelerator=accelerator)
+    held_out = build_latent_cache(
+        tokenizer, config.data, validation_cache, part="validation", accelerator=accelerator
+    )
+    accelerator.print(
+        describe_parts(
+            config.data, cache.metadata["dataset_size"], held_out.metadata["dataset_size"]
+        )
+    )
+    scale = measure_scaling_factor(cache)
+    tokenizer.register_to_config(scaling_factor=float(scale))  # exported with the pipeline
+    num_classes = config.unet.num_classes
+    if num_classes:
+        low, high = cache.metadata["label_min"], cache.metadata["label_max"]
+        require(
+            low >= 0 and high < num_classes,
+            "unet.num_classes",
+            num_classes,
+            f"the data's labels span {low}..{high} (a class-conditional model needs every "
+            "item labelled in [0, num_classes))",
+        )
+    return cache, held_out, scale
+
+
+def unreadable_note(cache: LatentCache, held_out: LatentCache) -> str:
+    """How many unreadable files the two caches left out, with examples ("" if none)."""
+    unreadable = [c.metadata["unreadable"] for c in (cache, held_out)]
+    if not sum(unreadable):
+        return ""
+    examples = cache.metadata["unreadable_examples"] + held_out.metadata["unreadable_examples"]
+    return (
+        f"{sum(unreadable)} unreadable file(s) were left out of the latent caches "
+        f"({unreadable[0]} training, {unreadable[1]} validation), e.g. {examples[:3]}"
+    )
 
 
 @torch.no_grad()

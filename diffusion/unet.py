@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from diffusers import DDPMScheduler, UNet2DModel
 
 from engine.config import check_types, require
+from pipelines import NOISE_SCHEDULE
 
 
 @dataclass
@@ -103,13 +104,7 @@ def build_unet(config: UNetConfig, latent_channels: int, latent_size: int) -> UN
 
 
 def training_scheduler() -> DDPMScheduler:
-    """LDM's training schedule: DDPM, 1000 steps, "linear" 0.0015 → 0.0195 in √β (diffusers'
-    ``scaled_linear``), epsilon prediction."""
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.0015,
-        beta_end=0.0195,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-    )
+    """LDM's training schedule: DDPM on ``pipelines.NOISE_SCHEDULE`` (1000 steps, "linear"
+    0.0015 → 0.0195 in √β, diffusers' ``scaled_linear``, epsilon prediction), the schedule the
+    exported pipeline's DDIM sampler (``pipelines.default_scheduler``) runs on."""
+    return DDPMScheduler(**NOISE_SCHEDULE)

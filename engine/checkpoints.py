@@ -12,6 +12,9 @@ Nothing is unpickled: models are safetensors, accelerate loads the optimizer, sc
 states with ``torch.load(weights_only=True)``, and our own states (step counter, EMA) are saved
 next to them here and loaded with ``weights_only=True`` too (accelerate's
 ``register_for_checkpointing`` would load them with ``weights_only=False``).
+
+Exports (the weights a run hands on: OUTPUT_DIR/tokenizer, OUTPUT_DIR/pipeline, their ``-best``)
+are swapped in whole the same way, and never hold a non-finite weight (:func:`export`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +255,25 @@ def _pause_for_tests() -> None:
 
 def checkpoint_step(path: Path) -> int:
     return json.loads((path / MARKER).read_text())["step"]
+
+
+def export(folder: Path, save: Callable[[Path], object], weights: dict[str, torch.Tensor]) -> Path:
+    """``save(tmp)`` into a sibling folder, then swapped in for ``folder``: a reader never sees a
+    half-written export (the previous one stays until the new one is complete). ``weights`` (what
+    is saved) must be finite: weights with NaN or inf are never exported (FloatingPointError)."""
+    bad = [name for name, t in weights.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise FloatingPointError(
+            f"{len(bad)} of {len(weights)} tensors of the weights hold NaN or inf (e.g. "
+            f"{bad[0]}): {folder} not written. Resume from an earlier checkpoint with a lower "
+            "train.learning_rate (--resume_from_checkpoint checkpoint-N)"
+        )
+    partial, old = (folder.with_name(folder.name + suffix) for suffix in (".partial", ".old"))
+    shutil.rmtree(partial, ignore_errors=True)
+    save(partial)
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    partial.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder

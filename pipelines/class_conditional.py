@@ -38,10 +38,9 @@ class ClassConditionalLatentDiffusionPipeline(VQLatentPipeline):
             ImageNet's "tench, Tinca tinca"); ids in [0, num_classes). Saved with the pipeline.
     """
 
-    model_cpu_offload_seq = "unet->vqvae"
+    _class_conditional = True
 
-    # ModelMixin, not VQTokenizer: this file is saved into the folder and must not import the
-    # tokenizer package (the folder carries its own copy, vqvae/model.py)
+    # the components as in VQLatentPipeline (this signature is what diffusers loads), and id2label
     def __init__(
         self,
         vqvae: ModelMixin,
@@ -51,9 +50,7 @@ class ClassConditionalLatentDiffusionPipeline(VQLatentPipeline):
         # (and a loaded id2label has model_index.json's string keys)
         id2label: dict[Union[int, str], str] | None = None,
     ):
-        super().__init__()
-        self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)
-        self.check_components(conditional=True)
+        super().__init__(vqvae, unet, scheduler)
         self.register_to_config(id2label=self.check_id2label(id2label))
 
     @property

@@ -15,9 +15,10 @@ import shutil
 from collections.abc import Callable, Sequence
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, ModelMixin, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.constants import DIFFUSERS_DYNAMIC_MODULE_NAME
 from diffusers.utils.dynamic_modules_utils import get_relative_import_files
 from diffusers.utils.torch_utils import randn_tensor
@@ -62,6 +63,16 @@ class VQLatentPipeline(DiffusionPipeline):
     """
 
     _callback_tensor_inputs = ["latents"]
+    model_cpu_offload_seq = "unet->vqvae"
+    _class_conditional = False  # whether the UNet takes class labels (the subclass says)
+
+    # ModelMixin, not VQTokenizer: this file is saved into the folder and must not import the
+    # tokenizer package (the folder carries its own copy, vqvae/model.py)
+    def __init__(self, vqvae: ModelMixin, unet: UNet2DModel, scheduler: SchedulerMixin):
+        """Register the three components and check that they fit (``check_components``)."""
+        super().__init__()
+        self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)
+        self.check_components(self._class_conditional)
 
     # ----------------------------------------------------------------- components
 

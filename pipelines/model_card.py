@@ -23,7 +23,6 @@ from .common import MODEL_CARD, TRAINING_CONFIG, module_name
 from .sampling import training_config
 from .unconditional import LatentDiffusionPipeline
 
-CARD = MODEL_CARD
 START, END = "<!-- evaluations:start -->", "<!-- evaluations:end -->"
 USAGE_START, USAGE_END = "<!-- usage:start -->", "<!-- usage:end -->"
 TAGS = ["latent-diffusion", "vq-tokenizer", "nevercollapse"]
@@ -117,7 +116,7 @@ def write_model_card(
         if config:
             dumped = yaml.safe_dump(config, sort_keys=False).rstrip()
             sections.append(f"### {config_name}\n\n```yaml\n{dumped}\n```\n")
-    path = folder / CARD
+    path = folder / MODEL_CARD
     ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(sections)).save(path)
     return path
 
@@ -135,7 +134,7 @@ def set_repo_id(folder: str | Path, repo_id: str) -> Path:
     model name); write the card from the folder's training configs if there is none."""
     folder = Path(folder)
     pipeline_class, conditional = _pipeline_of(folder)
-    path = folder / CARD
+    path = folder / MODEL_CARD
     if not path.is_file():
         configs = {}
         if (folder / TRAINING_CONFIG).is_file():
@@ -200,7 +199,7 @@ def record_evaluation(folder: str | Path, report: dict) -> Path:
     dataset the report's reference images come from, else the training config's
     ``data.source``)."""
     folder = Path(folder)
-    path = folder / CARD
+    path = folder / MODEL_CARD
     card = ModelCard(path.read_text() if path.is_file() else f"# {folder.name}\n")
     text = card.text
     if START not in text or END not in text:

@@ -19,6 +19,8 @@ from .class_conditional import ClassConditionalLatentDiffusionPipeline
 from .common import TRAINING_CONFIG
 from .unconditional import LatentDiffusionPipeline
 
+# precision names → torch dtypes: eval_fid.py's --dtype, a latent cache's cache.dtype
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PIPELINES = {
     cls.__name__: cls for cls in (LatentDiffusionPipeline, ClassConditionalLatentDiffusionPipeline)
 }

@@ -3,10 +3,8 @@
 from collections.abc import Callable
 
 import torch
-from diffusers import ModelMixin, UNet2DModel
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .common import VQLatentPipeline, is_int
 
@@ -30,15 +28,6 @@ class LatentDiffusionPipeline(VQLatentPipeline):
         scheduler ([`SchedulerMixin`]):
             The sampling scheduler, e.g. `pipelines.default_scheduler()` (DDIM on LDM's schedule).
     """
-
-    model_cpu_offload_seq = "unet->vqvae"
-
-    # ModelMixin, not VQTokenizer: this file is saved into the folder and must not import the
-    # tokenizer package (the folder carries its own copy, vqvae/model.py)
-    def __init__(self, vqvae: ModelMixin, unet: UNet2DModel, scheduler: SchedulerMixin):
-        super().__init__()
-        self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)
-        self.check_components(conditional=False)
 
     @torch.no_grad()
     def __call__(

@@ -16,11 +16,18 @@ import subprocess
 import sys
 import time
 
-import torch
+METHODS = [
+    "tiled search (ours)",
+    "tiled search + closest anchors (ours)",
+    "full matrix argmax",
+    "full sort",
+]
 
 
 def run_one(method: str, n: int, k: int, d: int, device: str) -> dict:
     import resource
+
+    import torch
 
     from tokenizer.quantizers.search import nearest_code, search_and_anchor
 
@@ -62,24 +69,31 @@ def run_one(method: str, n: int, k: int, d: int, device: str) -> dict:
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=2_097_152)
-    parser.add_argument("--k", type=int, default=1024)
-    parser.add_argument("--d", type=int, default=4)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--n", type=int, default=2_097_152, help="vectors searched (default: %(default)s)"
+    )
+    parser.add_argument("--k", type=int, default=1024, help="codebook size (default: %(default)s)")
+    parser.add_argument(
+        "--d", type=int, default=4, help="dimension of the vectors and codes (default: %(default)s)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=[
-            "tiled search (ours)",
-            "tiled search + closest anchors (ours)",
-            "full matrix argmax",
-            "full sort",
-        ],
+        default=METHODS,
+        metavar="METHOD",
+        help="the methods to time, each in its own process (default: all: "
+        + "; ".join(METHODS)
+        + ")",
     )
-    parser.add_argument("--_one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--_one", help=argparse.SUPPRESS)  # one method, in this process
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()  # --help exits here, before torch is imported
     if args._one:
         print(json.dumps(run_one(args._one, args.n, args.k, args.d, args.device)))
         return

@@ -6,21 +6,40 @@ SimVQ, IBQ) and print codebook usage, perplexity and PSNR on the held-out digits
 
 import argparse
 
-import torch
 
-from tokenizer.experiments.compare import DEFAULT_SETTINGS, format_table, train_and_evaluate
-from tokenizer.experiments.mnist import load_digits
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--steps", type=int, default=300, help="training steps per quantizer (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=128, help="training batch size (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=16,
+        help="digits are up-sampled to this side in pixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of every quantizer's run (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    return parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps per quantizer")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--resolution", type=int, default=16, help="digits are up-sampled to this")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args()
+    args = build_parser().parse_args()  # --help exits here, before torch is imported
+    import torch
+
+    from tokenizer.experiments.compare import DEFAULT_SETTINGS, format_table, train_and_evaluate
+    from tokenizer.experiments.mnist import load_digits
+
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -19,8 +19,6 @@ import sys
 from pathlib import Path
 
 from engine.config import ConfigError, load_config
-from engine.run import Run
-from engine.waits import CountWaits
 
 # torch keeps Adam's step counters on the host (unless fused or capturable): reading them does
 # not wait for the device
@@ -30,8 +28,11 @@ QUIET = [
 ]
 
 
-def counted_steps(waits: CountWaits, record: list):
-    """``Run.steps`` that records the waits of every step."""
+def counted_steps(waits, record: list):
+    """``Run.steps`` that records the waits of every step (``waits``: an
+    ``engine.waits.CountWaits``)."""
+    from engine.run import Run
+
     steps = Run.steps
 
     def wrapper(run):
@@ -44,15 +45,38 @@ def counted_steps(waits: CountWaits, record: list):
     return wrapper
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("tokenizer", "diffusion"))
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--tokenizer", help="diffusion: DIR/tokenizer from stage one")
-    parser.add_argument("--output_dir", "--output-dir", required=True)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=4")
-    args = parser.parse_intermixed_args()
+    parser.add_argument("stage", choices=("tokenizer", "diffusion"), help="the trainer to run")
+    parser.add_argument("--config", required=True, help="the stage's YAML config")
+    parser.add_argument(
+        "--tokenizer",
+        help="DIR/tokenizer from stage one, which the diffusion stage needs (default: none, "
+        "for the tokenizer stage)",
+    )
+    parser.add_argument(
+        "--output_dir",
+        "--output-dir",
+        required=True,
+        help="the run's folder; the counts go to DIR/waits-<process>.json",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=6, help="training steps to run (default: %(default)s)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. train.batch_size=4, before, between or after the options "
+        "(default: none)",
+    )
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_intermixed_args()  # --help exits here, before torch is imported
+    from engine.run import Run
+    from engine.waits import CountWaits
+
     overrides = [*QUIET, f"train.max_steps={args.steps}", "train.report_to=none", *args.overrides]
     try:
         if args.stage == "tokenizer":

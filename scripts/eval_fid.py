@@ -19,58 +19,92 @@ printed, written to ``--out`` and added to the pipeline folder's model card (REA
 import argparse
 import json
 import sys
-import time
-from dataclasses import asdict, replace
-from datetime import datetime, timezone
+from dataclasses import fields
 
-import diffusers
-import torch
-import torch_fidelity
-from accelerate import Accelerator
+from engine.cli import same_as_library
 
-from diffusion.evaluate import (
-    EvalConfig,
-    file_digest,
-    folder_digest,
-    generated_features,
-    reference_features,
-)
-from engine.config import ConfigError, from_mapping
-from engine.data import DataConfig
-from engine.fid import class_averaged_fid, fidelity_metrics, load_inception
-from pipelines.model_card import record_evaluation
-from pipelines.sampling import is_conditional, load_pipeline, training_config
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-NO_WEIGHTS = 3  # exit status when the Inception weights cannot be had (scripts/demo.sh uses it)
+# copied from the library for --help, which answers before torch is imported, and compared with
+# it right after the import (check_copies): the names of pipelines.sampling.DTYPES, FIDOptions's
+# defaults that are values, and diffusion.evaluate.CACHE_ENV
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULTS = {"batch_size": 32, "seed": 0, "dtype": "float32"}
+CACHE_ENV = "NEVERCOLLAPSE_FID_CACHE"
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def check_copies() -> None:
+    from diffusion import evaluate, fid_report
+    from pipelines import sampling
+
+    same_as_library("pipelines.sampling.DTYPES", DTYPES, tuple(sampling.DTYPES))
+    library = {f.name: f.default for f in fields(fid_report.FIDOptions) if f.name in DEFAULTS}
+    same_as_library("diffusion.fid_report.FIDOptions", DEFAULTS, library)
+    same_as_library("diffusion.evaluate.CACHE_ENV", CACHE_ENV, evaluate.CACHE_ENV)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # an option not given is absent: its default is FIDOptions's (or the training config's)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], argument_default=argparse.SUPPRESS
+    )
+    config = "the pipeline's training config"
     parser.add_argument("--pipeline", required=True, help="folder written by train_diffusion.py")
-    parser.add_argument("--reference", help="reference data source (default: the training data)")
-    parser.add_argument("--reference-part", choices=["train", "validation"])
-    parser.add_argument("--reference-images", help="at most this many reference images, or 'all'")
-    parser.add_argument("--num-samples", type=int)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, help="DDIM steps")
-    parser.add_argument("--eta", type=float, help="DDIM eta")
-    parser.add_argument("--guidance-scale", type=float, help="class-conditional pipelines")
+    parser.add_argument(
+        "--reference", help=f"reference data source (default: data.source of {config})"
+    )
+    parser.add_argument(
+        "--reference-part",
+        choices=["train", "validation"],
+        help=f"the part of the reference data (default: eval.reference_part of {config})",
+    )
+    parser.add_argument(
+        "--reference-images",
+        help="at most this many reference images (a fixed random subset), or 'all' "
+        f"(default: eval.reference_images of {config})",
+    )
+    parser.add_argument(
+        "--num-samples", type=int, help=f"images generated (default: eval.num_samples of {config})"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"images per pipeline call (default: {DEFAULTS['batch_size']})",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help=f"DDIM steps (default: eval.steps of {config}, else its train.sample_steps)",
+    )
+    parser.add_argument("--eta", type=float, help=f"DDIM eta (default: eval.eta of {config})")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="classifier-free guidance of class-conditional pipelines (default: "
+        f"eval.guidance_scale of {config}, else its train.sample_guidance)",
+    )
     labels = parser.add_mutually_exclusive_group()
-    labels.add_argument("--class-labels", help="comma-separated labels, cycled over the samples")
+    labels.add_argument(
+        "--class-labels",
+        help="comma-separated labels, cycled over the samples (default: uniform labels)",
+    )
     labels.add_argument(
         "--classes-uniform",
         action="store_true",
         help="draw each sample's label uniformly (the default)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    parser.add_argument(
+        "--seed", type=int, help=f"sample i uses seed + i (default: {DEFAULTS['seed']})"
+    )
     parser.add_argument(
         "--dtype",
-        default="float32",
-        choices=list(DTYPES),
-        help="sample in this precision (the quantizer stays in float32)",
+        choices=DTYPES,
+        help="sample in this precision; the quantizer stays in float32 "
+        f"(default: {DEFAULTS['dtype']})",
     )
-    parser.add_argument("--inception-weights", help="torch-fidelity's Inception weights file")
+    parser.add_argument(
+        "--inception-weights",
+        help="torch-fidelity's Inception weights file (default: the torch hub cache's, "
+        "downloaded there if possible)",
+    )
     parser.add_argument("--kid", action="store_true", help="also Kernel Inception Distance")
     parser.add_argument("--isc", action="store_true", help="also Inception Score")
     parser.add_argument("--prc", action="store_true", help="also precision and recall")
@@ -79,9 +113,19 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="also the class-averaged FID (class-conditional pipelines)",
     )
-    parser.add_argument("--save-samples", help="also write the samples as PNGs here")
-    parser.add_argument("--out", help="write the JSON report here")
-    parser.add_argument("--cache-dir", help="reference feature cache")
+    parser.add_argument(
+        "--save-samples", help="also write the samples as PNGs here (default: none written)"
+    )
+    parser.add_argument(
+        "--out",
+        help="write the JSON report here (default: the report is printed and added to the "
+        "model card only)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        help=f"reference feature cache (default: ${CACHE_ENV}, else "
+        "$XDG_CACHE_HOME/nevercollapse/fid, else ~/.cache/nevercollapse/fid)",
+    )
     parser.add_argument(
         "--refresh-reference",
         action="store_true",
@@ -92,43 +136,11 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="do not add the report to the pipeline folder's README.md",
     )
-    return parser.parse_args()
+    return parser
 
 
-def protocol(args, trained: dict, pipe) -> tuple[EvalConfig, int, float | None]:
-    """The eval settings: the training config's ``eval`` section, overridden by the options."""
-    config = from_mapping(EvalConfig, trained.get("eval"), "eval")
-    given = {
-        "num_samples": args.num_samples,
-        "steps": args.steps,
-        "eta": args.eta,
-        "guidance_scale": args.guidance_scale,
-        "reference_part": args.reference_part,
-    }
-    if args.reference_images is not None:
-        given["reference_images"] = (
-            None if args.reference_images == "all" else int(args.reference_images)
-        )
-    config = replace(config, **{k: v for k, v in given.items() if v is not None})
-    train = trained.get("train") or {}
-    steps = config.steps or int(train.get("sample_steps", 50))
-    guidance = None
-    if is_conditional(pipe):
-        guidance = (
-            config.guidance_scale
-            if config.guidance_scale is not None
-            else float(train.get("sample_guidance", 1.5))
-        )
-    return config, steps, guidance
-
-
-def reference_data(args, trained: dict, pipe) -> DataConfig:
-    data = dict(trained.get("data") or {})
-    data.setdefault("resolution", pipe.vqvae.config.resolution)
-    data.setdefault("channels", pipe.vqvae.config.in_channels)
-    if args.reference:
-        data["source"] = args.reference
-    return from_mapping(DataConfig, data, "data")
+def parse_args() -> argparse.Namespace:
+    return build_parser().parse_args()
 
 
 def print_table(report: dict) -> None:
@@ -160,121 +172,26 @@ def print_table(report: dict) -> None:
 
 
 def main() -> None:
-    args = parse_args()
-    accelerator = Accelerator()
+    options = vars(parse_args())  # --help exits here, before torch is imported
+    from diffusion.fid_report import EvaluationError, FIDOptions, fid_report
+    from pipelines.model_card import record_evaluation
+
+    check_copies()
+    out, card = options.pop("out", None), not options.pop("no_model_card", False)
+    options.pop("classes_uniform", None)  # uniform labels are the default
     try:
-        pipe = load_pipeline(args.pipeline, DTYPES[args.dtype]).to(accelerator.device)
-        trained = training_config(args.pipeline)
-        config, steps, guidance = protocol(args, trained, pipe)
-        data = reference_data(args, trained, pipe)
-    except (ValueError, ConfigError) as e:
-        sys.exit(f"error: {e}")
-    conditional = is_conditional(pipe)
-    if not conditional and (args.class_labels or args.per_class):
-        sys.exit("--class-labels / --per-class: this pipeline is unconditional")
-    class_labels = [int(c) for c in args.class_labels.split(",")] if args.class_labels else None
-    try:  # before any sampling: a missing weights file costs seconds, not hours
-        inception = load_inception(args.inception_weights, accelerator.device, logits=args.isc)
-    except FileNotFoundError as e:
-        print(f"FID not computed: {e}", file=sys.stderr)
-        sys.exit(NO_WEIGHTS)
-    pipe.set_progress_bar_config(disable=True)
-
-    start = time.perf_counter()
-    weights = f"{inception.weights_path.name}#{file_digest(inception.weights_path)}"
-    reference = reference_features(
-        data,
-        config.reference_part,
-        inception,
-        accelerator,
-        weights=weights,
-        max_images=config.reference_images,
-        batch_size=args.batch_size,
-        cache_dir=args.cache_dir,
-        refresh=args.refresh_reference,
-    )
-    reference_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    generated = generated_features(
-        pipe,
-        inception,
-        accelerator,
-        num_samples=config.num_samples,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        steps=steps,
-        eta=config.eta,
-        guidance_scale=guidance,
-        class_labels=class_labels,
-        save_dir=args.save_samples,
-    )
-    sampling_seconds = time.perf_counter() - start
-    if not accelerator.is_main_process:
+        report = fid_report(FIDOptions(**options))
+    except EvaluationError as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.status)
+    if report is None:  # not the main process, which reports
         return
-
-    metrics = fidelity_metrics(
-        generated,
-        reference.features,
-        kid=args.kid,
-        isc=args.isc,
-        prc=args.prc,
-        seed=args.seed,
-        device=accelerator.device,  # precision/recall's distances
-    )
-    if args.per_class:
-        try:
-            metrics.update(
-                class_averaged_fid(
-                    generated["2048"], generated["labels"], reference.features, reference.labels
-                )
-            )
-        except ValueError as e:
-            sys.exit(f"--per-class: {e}")
-    report = {
-        "metrics": metrics,
-        "sampling": {
-            "num_samples": config.num_samples,
-            "steps": steps,
-            "eta": config.eta,
-            "guidance_scale": guidance,
-            "seed": args.seed,
-            "class_labels": class_labels or ("uniform" if conditional else None),
-            "scheduler": type(pipe.scheduler).__name__,
-            "dtype": args.dtype,
-        },
-        "reference": {
-            "key": reference.key,
-            "images": len(reference.features),
-            "cached": reference.cached,
-            "cache_file": str(reference.path),
-            **reference.spec,
-        },
-        "pipeline": {
-            "path": str(args.pipeline),
-            "class": type(pipe).__name__,
-            "hash": folder_digest(args.pipeline),
-        },
-        "eval_config": asdict(config),
-        "processes": accelerator.num_processes,
-        "device": str(accelerator.device),
-        "seconds": {
-            "reference": round(reference_seconds, 2),
-            "sampling_and_features": round(sampling_seconds, 2),
-        },
-        "seconds_per_1000_samples": 1000 * sampling_seconds / config.num_samples,
-        "versions": {
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "torch_fidelity": torch_fidelity.__version__,
-        },
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
     print_table(report)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump(report, f, indent=1)
-    if not args.no_model_card:
-        record_evaluation(args.pipeline, report)
+    if card:
+        record_evaluation(options["pipeline"], report)
 
 
 if __name__ == "__main__":

@@ -15,35 +15,60 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 
-from engine.config import ConfigError, from_mapping, load_yaml
-from engine.data import DataConfig, build_dataset
-from engine.fid import load_inception
-from tokenizer.evaluate import evaluate_tokenizer
-from tokenizer.losses import build_lpips
-from tokenizer.model import VQTokenizer
-
-
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokenizer", required=True, help="folder written by training")
-    parser.add_argument("--data", help="data source (digits, a folder, a file, a hub name)")
+    parser.add_argument(
+        "--tokenizer", required=True, help="folder written by training (DIR/tokenizer)"
+    )
+    parser.add_argument(
+        "--data",
+        help="data source: digits, a folder, a file, a hub name (default: data.source of the "
+        "config, see --config)",
+    )
     parser.add_argument(
         "--config",
         help="take the data section of this training config "
         "(default: the one saved by the run, if any)",
     )
-    parser.add_argument("--part", default="validation", choices=["train", "validation"])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-images", type=int)
-    parser.add_argument("--inception-weights", help="torch-fidelity's Inception weights file")
+    parser.add_argument(
+        "--part",
+        default="validation",
+        choices=["train", "validation"],
+        help="the part of the data to evaluate on (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=64, help="images per batch (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-images", type=int, help="evaluate at most this many images (default: all)"
+    )
+    parser.add_argument(
+        "--inception-weights",
+        help="torch-fidelity's Inception weights file (default: the torch hub cache's, "
+        "downloaded there if possible)",
+    )
     parser.add_argument("--no-fid", action="store_true", help="skip rFID")
     parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", help="write the report here as JSON")
-    args = parser.parse_args()
+    parser.add_argument("--device", help="the torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--out", help="write the report here as JSON (default: the report is printed only)"
+    )
+    return parser
 
+
+def main() -> None:
+    args = build_parser().parse_args()  # --help exits here, before torch is imported
+    import torch
+
+    from engine.config import ConfigError, from_mapping, load_yaml
+    from engine.data import DataConfig, build_dataset
+    from engine.fid import load_inception
+    from tokenizer.evaluate import evaluate_tokenizer
+    from tokenizer.losses import build_lpips
+    from tokenizer.model import VQTokenizer
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = VQTokenizer.from_pretrained(args.tokenizer).to(args.device)
     except OSError as e:

@@ -15,20 +15,26 @@ the command line is echoed when a run fails.
 import argparse
 import sys
 
-from pipelines.hub import HubPushError, push_to_hub, warn_hub_token
 
-
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pipeline", required=True, help="DIR/pipeline of train_diffusion.py")
     parser.add_argument("--hub_model_id", required=True, help="the repository, e.g. you/cin-ldm")
-    parser.add_argument("--hub_private_repo", action="store_true", help="create it private")
+    parser.add_argument(
+        "--hub_private_repo", action="store_true", help="create it private (default: public)"
+    )
     parser.add_argument(
         "--hub_token",
-        help="default: HF_TOKEN's or `hf auth login`'s; given here, it warns (the command line "
-        "is echoed when a run fails)",
+        help="the Hub token (default: HF_TOKEN's or `hf auth login`'s; given here, it warns: the "
+        "command line is echoed when a run fails)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()  # --help exits here, before torch is imported
+    from pipelines.hub import HubPushError, push_to_hub, warn_hub_token
+
     warn_hub_token(args.hub_token)
     try:
         url = push_to_hub(

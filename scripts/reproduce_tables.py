@@ -14,21 +14,12 @@ command again, or given more seeds by adding them.
 import argparse
 import os
 import time
+from dataclasses import fields
 
-import torch
+from engine.cli import same_as_library
 
-from tokenizer.experiments.reproduce import (
-    TABLE_CHOICES,
-    RunConfig,
-    load_mnist,
-    load_runs,
-    optional_metrics,
-    run_tables,
-    select_tables,
-    write_outputs,
-)
-
-DEFAULT_MNIST = os.environ.get("NEVERCOLLAPSE_MNIST", "/work/shared/data/mnist")
+MNIST_ENV, MNIST_FALLBACK = "NEVERCOLLAPSE_MNIST", "/work/shared/data/mnist"
+DEFAULT_MNIST = os.environ.get(MNIST_ENV, MNIST_FALLBACK)
 # --quick: a smoke test of the whole pipeline on the CPU (well under a minute), not a result.
 QUICK = dict(steps=20, batch_size=32, val_every=10, val_images=200)
 QUICK_ROWS = {
@@ -37,45 +28,71 @@ QUICK_ROWS = {
     "cvq_anchors": ["CVQ closest (online)", "CVQ random (offline)"],
     "field": ["FSQ [8, 5, 5, 5]", "LFQ 2^10", "SimVQ 1024x128", "IBQ 1024x128"],
 }
+# copied from tokenizer.experiments.reproduce for --help, which answers before torch is
+# imported, and compared with it right after the import (check_copies)
+TABLE_CHOICES = ("main", "looc_dstar", "cvq_anchors", "field", "all")
+RUN_DEFAULTS = {"steps": 4400, "batch_size": 1024}  # RunConfig's
 
 
-def main() -> None:
+def check_copies() -> None:
+    from tokenizer.experiments import reproduce
+
+    same_as_library("reproduce.TABLE_CHOICES", TABLE_CHOICES, reproduce.TABLE_CHOICES)
+    library = {f.name: f.default for f in fields(reproduce.RunConfig) if f.name in RUN_DEFAULTS}
+    same_as_library("reproduce.RunConfig", RUN_DEFAULTS, library)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--table",
         default="main",
-        help=f"which table to reproduce: one of {', '.join(TABLE_CHOICES)}",
+        help=f"which table to reproduce: one of {', '.join(TABLE_CHOICES)} (default: %(default)s)",
     )
     parser.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="training steps per row (4400: the official 500 epochs of 9,000 images at 1,024)",
+        help=f"training steps per row (default: {RUN_DEFAULTS['steps']}, the official 500 "
+        f"epochs of 9,000 images at 1,024; --quick: {QUICK['steps']})",
     )
-    parser.add_argument("--batch-size", type=int, default=None, help="batch size (1024)")
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"batch size (default: {RUN_DEFAULTS['batch_size']}; --quick: {QUICK['batch_size']})",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=3e-4, help="Adam learning rate (default: %(default)s)"
+    )
     parser.add_argument(
         "--seeds",
         type=int,
         nargs="+",
         default=[0],
-        help="run every row once per seed; with several, report mean (min-max)",
+        help="run every row once per seed; with several, report mean (min-max) "
+        "(default: %(default)s)",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", help="the torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument(
         "--val-every",
         type=int,
         default=None,
-        help="validate every N steps (default: once per epoch, as the official code); the "
-        "checkpoint with the lowest validation MSE is the one scored",
+        help="validate every N steps (default: once per epoch, as the official code; --quick: "
+        f"{QUICK['val_every']}); the checkpoint with the lowest validation MSE is the one scored",
     )
     parser.add_argument(
         "--mnist",
         default=DEFAULT_MNIST,
-        help="directory of t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz",
+        help="directory of t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
+        f"(default: ${MNIST_ENV}, else {MNIST_FALLBACK})",
     )
-    parser.add_argument("--out", default="runs/reproduce", help="output directory")
+    parser.add_argument(
+        "--out", default="runs/reproduce", help="output directory (default: %(default)s)"
+    )
     parser.add_argument(
         "--no-lpips-fid",
         action="store_true",
@@ -85,9 +102,28 @@ def main() -> None:
         "--quick",
         action="store_true",
         help=f"smoke test: {QUICK['steps']} steps, batch {QUICK['batch_size']}, "
-        "two or three rows per table, 200 validation images",
+        f"two or three rows per table, {QUICK['val_images']} validation images",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
+    args = parser.parse_args()  # --help exits here, before torch is imported
+    import torch
+
+    from tokenizer.experiments.reproduce import (
+        RunConfig,
+        load_mnist,
+        load_runs,
+        optional_metrics,
+        run_tables,
+        select_tables,
+        write_outputs,
+    )
+
+    check_copies()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         tables = select_tables(args.table)
     except ValueError as e:

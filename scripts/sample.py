@@ -15,44 +15,74 @@ import argparse
 import sys
 from pathlib import Path
 
-from accelerate import Accelerator
-from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor
-from torchvision.utils import make_grid, save_image
-from tqdm.auto import tqdm
-
-from pipelines.sampling import (
-    class_label_ids,
-    image_labels,
-    is_conditional,
-    load_pipeline,
-    sample_images,
-    training_config,
-)
+FALLBACK_STEPS = 50  # DDIM steps when the pipeline's training config names none
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pipeline", required=True, type=Path)
-    parser.add_argument("--num-images", type=int, default=64)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, help="DDIM steps")
-    parser.add_argument("--eta", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance-scale", type=float, default=3.0)
+    parser.add_argument(
+        "--pipeline", required=True, type=Path, help="DIR/pipeline of train_diffusion.py"
+    )
+    parser.add_argument(
+        "--num-images", type=int, default=64, help="images to draw (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="folder for the PNG files and grid.png"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="images per pipeline call; the images do not depend on it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="DDIM steps (default: the train.sample_steps of the run that exported the "
+        f"pipeline, else {FALLBACK_STEPS})",
+    )
+    parser.add_argument(
+        "--eta", type=float, default=0.0, help="DDIM eta, 0: deterministic (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="image i is drawn from seed + i (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=3.0,
+        help="classifier-free guidance of class-conditional pipelines (default: %(default)s)",
+    )
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument(
         "--class-labels",
         help="comma-separated class ids or names (e.g. 3,1 or tench,goldfish), cycled over the "
-        "images",
+        "images (default: uniform labels, as --classes-uniform)",
     )
     labels.add_argument(
         "--classes-uniform",
         action="store_true",
         help="draw each image's label uniformly (the default)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()  # --help exits here, before torch is imported
+    from accelerate import Accelerator
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+    from torchvision.utils import make_grid, save_image
+    from tqdm.auto import tqdm
+
+    from pipelines.sampling import (
+        class_label_ids,
+        image_labels,
+        is_conditional,
+        load_pipeline,
+        sample_images,
+        training_config,
+    )
 
     accelerator = Accelerator()
     try:
@@ -68,7 +98,7 @@ def main() -> None:
     except ValueError as e:
         sys.exit(f"--class-labels: {e}")
     steps = args.steps or int(
-        (training_config(args.pipeline).get("train") or {}).get("sample_steps", 50)
+        (training_config(args.pipeline).get("train") or {}).get("sample_steps", FALLBACK_STEPS)
     )
     mine = list(range(args.num_images))[accelerator.process_index :: accelerator.num_processes]
     args.out.mkdir(parents=True, exist_ok=True)

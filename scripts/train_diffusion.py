@@ -10,29 +10,47 @@ scheduler, with the measured latent scaling_factor) is exported to DIR/pipeline,
 best validation loss to DIR/pipeline-best; ``--push_to_hub`` publishes DIR/pipeline.
 """
 
+import argparse
 from pathlib import Path
 
-from accelerate import PartialState
+from engine.cli import load_run_config, parse_training_args, run_training, training_parser
 
-from diffusion.latent_cache import StaleCacheError
-from diffusion.train import DiffusionConfig, train_diffusion
-from engine.cli import parse_training, training_parser
-from engine.run import run_training
-from pipelines.hub import HubPushError, push_to_hub, warn_hub_token
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = training_parser(__doc__, "configs/diffusion")
+    parser.add_argument(
+        "--tokenizer", required=True, help="DIR/tokenizer from stage one (the frozen tokenizer)"
+    )
+    parser.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="publish DIR/pipeline at the end of training (default: not published)",
+    )
+    parser.add_argument(
+        "--hub_model_id", help="the Hub repository, e.g. you/repo (default: the output folder name)"
+    )
+    parser.add_argument(
+        "--hub_private_repo",
+        action="store_true",
+        help="with --push_to_hub, create the repository private (default: public)",
+    )
+    parser.add_argument(
+        "--hub_token",
+        help="the Hub token (default: HF_TOKEN's or `hf auth login`'s, the safer way: a token "
+        "given here warns, as the command line is echoed when a run fails)",
+    )
+    return parser
 
 
 def main() -> None:
-    parser = training_parser(__doc__, "configs/diffusion")
-    parser.add_argument("--tokenizer", required=True, help="DIR/tokenizer from stage one")
-    parser.add_argument(
-        "--push_to_hub", action="store_true", help="publish DIR/pipeline at the end of training"
-    )
-    parser.add_argument("--hub_model_id", help="the repository (default: the output folder name)")
-    parser.add_argument("--hub_private_repo", action="store_true")
-    parser.add_argument(
-        "--hub_token", help="default: HF_TOKEN or the `hf auth login` token (safer: not echoed)"
-    )
-    args, config, output_dir = parse_training(parser, DiffusionConfig)
+    args = parse_training_args(build_parser())  # --help exits here, before torch is imported
+    from accelerate import PartialState
+
+    from diffusion.latent_cache import StaleCacheError
+    from diffusion.train import DiffusionConfig, train_diffusion
+    from pipelines.hub import HubPushError, push_to_hub, warn_hub_token
+
+    config, output_dir = load_run_config(args, DiffusionConfig)
     warn_hub_token(args.hub_token)
 
     def train() -> None:

@@ -7,14 +7,20 @@ The config is validated before anything is built; the trained tokenizer is expor
 DIR/tokenizer (load it with ``tokenizer.VQTokenizer.from_pretrained``).
 """
 
-from engine.cli import parse_training, training_parser
-from engine.run import run_training
-from tokenizer.train import TokenizerConfig, train_tokenizer
+import argparse
+
+from engine.cli import load_run_config, parse_training_args, run_training, training_parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return training_parser(__doc__, "configs/tokenizer")
 
 
 def main() -> None:
-    parser = training_parser(__doc__, "configs/tokenizer")
-    args, config, output_dir = parse_training(parser, TokenizerConfig)
+    args = parse_training_args(build_parser())  # --help exits here, before torch is imported
+    from tokenizer.train import TokenizerConfig, train_tokenizer
+
+    config, output_dir = load_run_config(args, TokenizerConfig)
     run_training(lambda: train_tokenizer(config, output_dir, resume=args.resume_from_checkpoint))
 
 

@@ -4,34 +4,23 @@ import os
 os.environ["NEVERCOLLAPSE_NO_DOWNLOAD"] = "1"
 # Data manifests go to a folder of this test session (inherited by the scripts tests start).
 import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 os.environ["NEVERCOLLAPSE_DATA_CACHE"] = tempfile.mkdtemp(prefix="nevercollapse-data-")
 
-from unittest import mock  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from tests.launch import ROOT  # noqa: E402
 
 
 def write_fake_inception(path):
-    """torch-fidelity's Inception v3 with random weights, saved where a user's file would be.
-    Kaiming-initialised: with PyTorch's default (small) initialisation every image gets nearly
-    the same features and every FID comes out ~0, which would hide broken plumbing."""
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    """A random Inception weights file (Kaiming-initialised, so FIDs are not ~0)."""
+    from benchmarks.inception import write_random_inception
 
-    torch.manual_seed(0)
-    with (
-        mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None),
-        mock.patch.object(
-            fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None
-        ),
-    ):
-        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    torch.save(model.state_dict(), path)
-    return path
+    return write_random_inception(Path(path))
 
 
 @pytest.fixture(scope="session")
@@ -65,23 +54,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-TINY_TOKENIZER = dict(
-    resolution=16,
-    ch=16,
-    ch_mult=(1, 2),
-    num_res_blocks=1,
-    attn_resolutions=(),
-    z_channels=8,
-    embed_dim=4,
-    norm_groups=4,
-    quantizer="cvq",
-    quantizer_options={"num_codes": 16},
-)  # latents 4×8×8
+# the miniature tokenizer of the tests, the workers and the benchmarks (latents 4×8×8)
+TINY_TOKENIZER = yaml.safe_load((ROOT / "configs/tokenizer/tiny.yaml").read_text())["model"]
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    """Makes a tiny random tokenizer (seed 0): ``TINY_TOKENIZER`` with any argument overridden."""
+    """Makes a tiny random tokenizer (seed 0): ``TINY_TOKENIZER`` (configs/tokenizer/tiny.yaml's
+    ``model``) with any argument overridden."""
     from tokenizer import VQTokenizer
 
     def make(**overrides):

@@ -4,10 +4,10 @@ compare checkpoints exactly."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import runpy
-import signal
 import subprocess
 import sys
 import time
@@ -151,8 +151,16 @@ class Launched:
         return self.process.wait(timeout)
 
     def kill_all(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
+        """SIGKILL the launcher and every worker, and wait until all are gone: torch's launcher
+        starts each worker in a session of its own, out of reach of the launcher's group."""
+        family = [psutil.Process(self.process.pid)]
+        family += family[0].children(recursive=True)
+        for process in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         self.process.wait(60)
+        _, alive = psutil.wait_procs(family, timeout=60)
+        assert not alive, f"still running after SIGKILL: {alive}"
 
     def worker(self, rank: int) -> psutil.Process:
         """The worker process of ``rank`` (by its RANK environment variable)."""

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast
 
+from engine.accelerator import learning_rate, start_accelerator
+from engine.checkpoints import export
 from engine.config import (
     ConfigError,
     check_section,
@@ -28,7 +30,8 @@ from engine.data import (
     image_choice,
 )
 from engine.distributed import check_replicas_agree
-from engine.run import Run, RunConfig, export, learning_rate, start_accelerator
+from engine.run import Run
+from engine.run_config import RunConfig
 from engine.weights import init_from
 
 from .losses import LossConfig, VQGANLoss
@@ -40,7 +43,7 @@ INIT_FOLDERS = ("tokenizer", "vqvae", "pipeline/vqvae")
 
 @dataclass
 class TrainConfig(RunConfig):
-    """``train`` section: the keys of :class:`engine.run.RunConfig` (defaults below), and
+    """``train`` section: the keys of :class:`engine.run_config.RunConfig` (defaults below), and
 
     learning_rate: Adam learning rate for the autoencoder and the discriminator
       (taming-transformers' base rate with ``scale_lr`` is 4.5e-6).
@@ -201,7 +204,7 @@ def train_tokenizer(
                         x, out.sample, out.quantized.loss, unwrapped.last_layer, step
                     )
                 accelerator.backward(g_loss)
-                if not run.finite(g_loss):
+                if not run.check_finite(g_loss):
                     opt_g.zero_grad(set_to_none=True)
                     break
                 if train.max_grad_norm is not None and accelerator.sync_gradients:
@@ -217,15 +220,15 @@ def train_tokenizer(
                     logs.update(d_logs)
         if run.skipped:
             continue
-        if run.due(train.log_every):
+        if run.is_due(train.log_every):
             logs.update(usage_and_perplexity(accelerator, out.quantized.counts))
             run.log(logs, show=("total", "nll", "usage", "perplexity"))
-        if run.due(train.validation_steps):
+        if run.is_due(train.validation_steps):
             scores = validate(accelerator, unwrapped, loss_fn, val_set, held_out, train.batch_size)
-            if run.validated(scores, "validation/nll") and accelerator.is_main_process:
+            if run.record_validation(scores, "validation/nll") and accelerator.is_main_process:
                 weights = unwrapped.state_dict()
                 export(output_dir / "tokenizer-best", unwrapped.save_pretrained, weights)
-        if accelerator.is_main_process and run.due(train.image_every):
+        if accelerator.is_main_process and run.is_due(train.image_every):
             run.log_image("reconstructions", _reconstructions(unwrapped, fixed), len(fixed))
 
     replicas = {f"model.{k}": v for k, v in unwrapped.state_dict().items()}

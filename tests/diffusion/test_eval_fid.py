@@ -322,3 +322,32 @@ def test_reference_leaves_unreadable_images_out(tmp_path, fake_inception_file):
     )
     assert len(reference.features) == len(readable)
     assert len(torch.unique(reference.features, dim=0)) == len(readable), "an image twice"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs" / "diffusion").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_each_recipes_eval_section_is_its_fid_protocol(path):
+    """eval_fid.py scores a pipeline with the ``eval`` section it was trained with (LDM's 250
+    DDIM steps and guidance 1.5 for ImageNet, ...); its options override it."""
+    from diffusion.fid_report import FIDOptions, _protocol
+    from engine.config import parse_yaml
+    from pipelines import ClassConditionalLatentDiffusionPipeline, LatentDiffusionPipeline
+
+    recipe = parse_yaml(path.read_text())
+    conditional = bool(recipe["unet"].get("num_classes"))
+    kind = ClassConditionalLatentDiffusionPipeline if conditional else LatentDiffusionPipeline
+    pipe = object.__new__(kind)  # what the protocol asks of a pipeline: its kind
+    protocol, train = recipe.get("eval", {}), recipe["train"]
+    config, steps, guidance = _protocol(FIDOptions(pipeline="p"), recipe, pipe)
+    assert steps == (protocol.get("steps") or train.get("sample_steps", 50))
+    assert config.eta == protocol.get("eta", 0.0)
+    if conditional:
+        assert guidance == protocol.get("guidance_scale", train.get("sample_guidance", 1.5))
+    else:
+        assert guidance is None
+    if "num_samples" in protocol:
+        assert config.num_samples == protocol["num_samples"]
+    given = FIDOptions(pipeline="p", steps=4, eta=0.5, num_samples=8)
+    config, steps, _ = _protocol(given, recipe, pipe)
+    assert (steps, config.eta, config.num_samples) == (4, 0.5, 8)

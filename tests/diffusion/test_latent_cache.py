@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from diffusion.latent_cache import (
+    CacheConfig,
     LatentCache,
     StaleCacheError,
     build_latent_cache,
@@ -20,6 +21,11 @@ from tests.launch import ROOT, launch_two_processes
 
 DATA = {"source": "digits", "resolution": 16, "validation_size": 97}
 SHARD = 256  # 1,700 train items → 7 shards, the last one partial
+
+
+def settings(root, **options) -> CacheConfig:
+    """The cache section of a build into ``root``."""
+    return CacheConfig(dir=str(root), **options)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +58,7 @@ def encode(tokenizer, images, quantized=True):
 def built(tokenizer, tmp_path_factory):
     """The default cache (quantized, no flips), built once for the module."""
     root = tmp_path_factory.mktemp("cache")
-    return root, build_latent_cache(tokenizer, DATA, root, shard_size=SHARD)
+    return root, build_latent_cache(tokenizer, DATA, settings(root, shard_size=SHARD))
 
 
 def count_encodes(monkeypatch, tokenizer, fail_after=None):
@@ -98,7 +104,9 @@ def test_round_trip_and_metadata(tokenizer, data, built):
 
 def test_unquantized_latents(tokenizer, data, tmp_path):
     images, labels = data
-    cache = build_latent_cache(tokenizer, DATA, tmp_path, quantized=False, shard_size=SHARD)
+    cache = build_latent_cache(
+        tokenizer, DATA, settings(tmp_path, quantized=False, shard_size=SHARD)
+    )
     assert cache.metadata["quantized"] is False
     reference = encode(tokenizer, images, quantized=False)
     assert torch.equal(cache.load()[0], reference)
@@ -111,7 +119,7 @@ def test_flips_interleave_mirrored_images_from_one_decode(
 ):
     images, labels = data
     calls = count_encodes(monkeypatch, tokenizer)
-    cache = build_latent_cache(tokenizer, DATA, tmp_path, flips=True, shard_size=SHARD)
+    cache = build_latent_cache(tokenizer, DATA, settings(tmp_path, flips=True, shard_size=SHARD))
     n = len(images)
     assert sum(calls) == 2 * n and calls[0] == 2 * 64  # 64 images and their mirror images
     assert len(cache) == cache.metadata["count"] == 2 * n
@@ -123,14 +131,14 @@ def test_flips_interleave_mirrored_images_from_one_decode(
     assert not torch.equal(mirrored, built[1].load()[0])
     assert torch.equal(cached_labels, labels.repeat_interleave(2))
     with pytest.raises(ValueError, match="shard_size must be even"):
-        build_latent_cache(tokenizer, DATA, tmp_path / "odd", flips=True, shard_size=255)
+        build_latent_cache(tokenizer, DATA, settings(tmp_path / "odd", flips=True, shard_size=255))
 
 
 def test_complete_cache_is_reused_without_encoding(tokenizer, built, monkeypatch):
     root, cache = built
     stamps = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
     calls = count_encodes(monkeypatch, tokenizer)
-    again = build_latent_cache(tokenizer, DATA, root, shard_size=SHARD, batch_size=7)
+    again = build_latent_cache(tokenizer, DATA, settings(root, shard_size=SHARD, batch_size=7))
     assert calls == []
     assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == stamps
     assert torch.equal(again.load()[0], cache.load()[0]) and again.metadata == cache.metadata
@@ -157,7 +165,7 @@ def test_random_augmentations_are_replaced_by_fixed_views(tokenizer, built, monk
 )
 def test_stale_cache_is_refused(built, change, message, tiny_tokenizer):
     root, _ = built
-    tokenizer, data, options = tiny_tokenizer(), dict(DATA), {}
+    tokenizer, data, options, part = tiny_tokenizer(), dict(DATA), {}, "train"
     if change == "weights":
         with torch.no_grad():
             tokenizer.encoder.conv_in.bias.add_(0.01)
@@ -168,10 +176,10 @@ def test_stale_cache_is_refused(built, change, message, tiny_tokenizer):
     elif change == "quantized":
         options["quantized"] = False
     else:
-        options["part"] = "validation"
+        part = "validation"
     before = {p.name: p.read_bytes() for p in root.iterdir()}
     with pytest.raises(StaleCacheError) as error:
-        build_latent_cache(tokenizer, data, root, shard_size=SHARD, **options)
+        build_latent_cache(tokenizer, data, settings(root, shard_size=SHARD, **options), part=part)
     text = str(error.value)
     assert message in text and f"delete {root} or choose another cache dir" in text
     assert {p.name: p.read_bytes() for p in root.iterdir()} == before
@@ -180,14 +188,14 @@ def test_stale_cache_is_refused(built, change, message, tiny_tokenizer):
 def test_resume_after_kill_encodes_only_missing_shards(tokenizer, built, monkeypatch, tmp_path):
     count_encodes(monkeypatch, tokenizer, fail_after=10)
     with pytest.raises(KeyboardInterrupt):  # killed in shard 2, after 10 batches of 64
-        build_latent_cache(tokenizer, DATA, tmp_path, shard_size=SHARD)
+        build_latent_cache(tokenizer, DATA, settings(tmp_path, shard_size=SHARD))
     monkeypatch.undo()
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["pending.json", "shard-00000.safetensors", "shard-00001.safetensors"]
     with pytest.raises(FileNotFoundError, match="not a complete latent cache"):
         LatentCache(tmp_path)
     with pytest.raises(StaleCacheError, match="flips False vs True"):  # partial caches too
-        build_latent_cache(tokenizer, DATA, tmp_path, shard_size=SHARD, flips=True)
+        build_latent_cache(tokenizer, DATA, settings(tmp_path, shard_size=SHARD, flips=True))
 
     (tmp_path / "shard-00000.safetensors").unlink()
     (tmp_path / "shard-00003.safetensors.tmp").write_bytes(b"half a shard")  # killed mid-write
@@ -195,7 +203,7 @@ def test_resume_after_kill_encodes_only_missing_shards(tokenizer, built, monkeyp
     kept = (tmp_path / "shard-00001.safetensors").stat().st_mtime_ns
     calls = count_encodes(monkeypatch, tokenizer)
     with pytest.warns(UserWarning, match="re-encoding unreadable shard .*shard-00005"):
-        cache = build_latent_cache(tokenizer, DATA, tmp_path, shard_size=SHARD)
+        cache = build_latent_cache(tokenizer, DATA, settings(tmp_path, shard_size=SHARD))
     assert sum(calls) == 1700 - SHARD  # everything but shard 1
     assert (tmp_path / "shard-00001.safetensors").stat().st_mtime_ns == kept
     assert torch.equal(cache.load()[0], built[1].load()[0])
@@ -213,7 +221,7 @@ def test_measure_scaling_factor(tokenizer, data, built):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_storage(tokenizer, built, tmp_path, dtype):
-    cache = build_latent_cache(tokenizer, DATA, tmp_path, shard_size=SHARD, dtype=dtype)
+    cache = build_latent_cache(tokenizer, DATA, settings(tmp_path, shard_size=SHARD, dtype=dtype))
     latents, labels = cache.load()
     full = built[1].load()[0]
     assert latents.dtype == torch.float32 and torch.equal(labels, built[1].load()[1])
@@ -222,7 +230,7 @@ def test_half_precision_storage(tokenizer, built, tmp_path, dtype):
         p.stat().st_size for p in built[0].glob("shard-*")
     )
     with pytest.raises(StaleCacheError, match=f"dtype '{dtype}' vs 'float32'"):
-        build_latent_cache(tokenizer, DATA, tmp_path, shard_size=SHARD)
+        build_latent_cache(tokenizer, DATA, settings(tmp_path, shard_size=SHARD))
 
 
 def test_cache_of_an_older_format_is_refused_with_the_rebuild_command(
@@ -238,7 +246,7 @@ def test_cache_of_an_older_format_is_refused_with_the_rebuild_command(
         with pytest.raises(StaleCacheError, match=f"format {old}.*rm -r {root}.*train_diffusion"):
             LatentCache(root)
         with pytest.raises(StaleCacheError, match=f"format {old} vs 3"):
-            build_latent_cache(tiny_tokenizer(), DATA, root, shard_size=SHARD)
+            build_latent_cache(tiny_tokenizer(), DATA, settings(root, shard_size=SHARD))
 
 
 def test_items_and_batches_read_the_mapped_shards(built):
@@ -338,7 +346,9 @@ def test_unreadable_images_are_left_out_never_replaced(tmp_path, tiny_tokenizer,
     data = {"source": str(bad_folder(tmp_path / "images")), "resolution": 16, "validation_size": 3}
     tokenizer, per_image = tiny_tokenizer(), 2 if flips else 1
     caches = [
-        build_latent_cache(tokenizer, data, tmp_path / part, part=part, shard_size=4, flips=flips)
+        build_latent_cache(
+            tokenizer, data, settings(tmp_path / part, shard_size=4, flips=flips), part=part
+        )
         for part in ("train", "validation")
     ]
     listed = sum(c.metadata["dataset_size"] for c in caches)

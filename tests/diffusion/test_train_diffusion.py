@@ -235,3 +235,20 @@ def test_unreadable_images_are_left_out_and_counted(tmp_path, tokenizer_dir):
     assert "4 unreadable file(s) were left out of the latent caches" in done.stdout + done.stderr
     caches = [LatentCache(tmp_path / "run" / name) for name in ("latents", "latents-validation")]
     assert sum(len(c) for c in caches) == 18  # the readable images, each once
+
+
+def test_sampling_runs_on_the_training_noise_schedule():
+    """The exported pipelines' DDIM (pipelines.default_scheduler) samples on the schedule that
+    training's DDPM (diffusion.unet.training_scheduler) adds noise with."""
+    from diffusion.unet import training_scheduler
+    from pipelines import default_scheduler
+
+    train, sample = training_scheduler(), default_scheduler()
+    assert train.config.num_train_timesteps == sample.config.num_train_timesteps == 1000
+    assert torch.equal(train.betas, sample.betas)
+    assert torch.equal(train.alphas_cumprod, sample.alphas_cumprod)
+    assert train.config.prediction_type == sample.config.prediction_type == "epsilon"
+    assert train.config.clip_sample is sample.config.clip_sample is False
+    sample.set_timesteps(50)  # DDIM's timesteps are timesteps of the training schedule
+    assert set(sample.timesteps.tolist()) <= set(train.timesteps.tolist())
+    assert len(sample.timesteps) == 50

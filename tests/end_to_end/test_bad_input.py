@@ -16,8 +16,8 @@ import torch
 import yaml
 from PIL import Image
 
-from engine.checkpoints import CheckpointError, resolve_resume
-from engine.run import NonFiniteGuard, export
+from engine.checkpoints import CheckpointError, export, resolve_resume
+from engine.run import NonFiniteGuard
 from tests.end_to_end.test_fault_tolerance import TOKENIZER_CONFIG, write
 from tests.launch import ROOT
 

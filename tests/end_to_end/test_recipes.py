@@ -199,6 +199,10 @@ def test_diffusion_recipe_as_shipped(path, tmp_path, fake_inception_file):
     )
     stage_one = tokenizer_recipe["model"]
     data = {**tokenizer_recipe["data"], **recipe["data"]}  # the tokenizer's images
+    held_out = []
+    if isinstance(data.get("validation_size"), float) and data["validation_size"] < 0.05:
+        data["validation_size"] = 2  # 2 of 14 images held out, not 2 of 200 (LSUN's 1%)
+        held_out = ["data.validation_size=2"]
     unet = recipe["unet"]
     levels = len(unet["block_out_channels"])
     factor = 2 ** (len(stage_one["ch_mult"]) - 1)
@@ -225,6 +229,7 @@ def test_diffusion_recipe_as_shipped(path, tmp_path, fake_inception_file):
         "train.batch_size=2",
         "train.sample_steps=4",
         "train.checkpointing_steps=2",
+        *held_out,
     ]
     run("train_diffusion.py", *common, "train.max_steps=2")
     done = run(
@@ -242,6 +247,8 @@ def test_diffusion_recipe_as_shipped(path, tmp_path, fake_inception_file):
         str(out / "pipeline"),
         "--num-images",
         "2",
+        "--steps",
+        "4",
         "--out",
         str(tmp_path / "samples"),
     )
@@ -257,6 +264,8 @@ def test_diffusion_recipe_as_shipped(path, tmp_path, fake_inception_file):
         "4",
         "--batch-size",
         "4",
+        "--steps",
+        "4",  # the eval section's 200-250 steps: test_each_recipes_eval_section_is_its_fid_protocol
         "--inception-weights",
         str(fake_inception_file),
         "--cache-dir",
@@ -266,8 +275,8 @@ def test_diffusion_recipe_as_shipped(path, tmp_path, fake_inception_file):
     )
     sampling, protocol = json.loads(report.read_text())["sampling"], recipe["eval"]
     assert math.isfinite(json.loads(report.read_text())["metrics"]["fid"])
-    assert sampling["steps"] == (protocol.get("steps") or 4)  # the eval section's protocol
-    assert sampling["eta"] == protocol.get("eta", 0.0)
+    assert sampling["steps"] == 4
+    assert sampling["eta"] == protocol.get("eta", 0.0)  # the eval section's protocol
     if unet["num_classes"]:
         assert sampling["guidance_scale"] == protocol["guidance_scale"]
 

@@ -1,4 +1,4 @@
-"""The training loader of :func:`engine.run.seeded_batches`: one DataLoader whose workers persist
+"""The training loader of :func:`engine.loader.seeded_batches`: one DataLoader whose workers persist
 across epochs, per-item augmentation seeds, exact resume."""
 
 import os
@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from engine.config import ConfigError
 from engine.data import build_dataset
-from engine.run import seeded_batches
+from engine.loader import seeded_batches
 
 PER_EPOCH = 5  # 10 train items, batches of 2
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from engine.run import NonFiniteGuard, seeded_batches
+from engine.loader import seeded_batches
+from engine.run import NonFiniteGuard
 
 
 class OneProcess(SimpleNamespace):

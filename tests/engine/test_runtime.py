@@ -9,8 +9,10 @@ import torch
 import yaml
 from accelerate import Accelerator
 
+from engine.accelerator import start_accelerator
 from engine.checkpoints import CheckpointError, resolve_resume, save_checkpoint
-from engine.run import RunConfig, hyperparameters, start_accelerator
+from engine.run import hyperparameters
+from engine.run_config import RunConfig
 from tests.launch import ROOT, launch
 from tests.tokenizer.test_train_tokenizer import write_config
 

@@ -18,8 +18,8 @@ from tests.launch import ROOT, launch_two_processes
 
 datasets = pytest.importorskip("datasets")
 
-from engine import streaming  # noqa: E402
-from engine.streaming import ImageStream, stream_batches  # noqa: E402
+from engine.data import ImageStream, streaming  # noqa: E402
+from engine.loader import stream_batches  # noqa: E402
 
 HELD_OUT = 3
 TRAIN = 16  # examples 3..18; example 19 is a copy of held-out image 0 (label 99)

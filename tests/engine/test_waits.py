@@ -40,47 +40,25 @@ def _steps(folder):
 
 
 def test_one_read_and_one_collective_per_step_on_two_processes(tmp_path):
+    """Both stages on two processes, bf16, two micro-batches per step, the discriminator on:
+    the benchmark's ``waits`` family (``scripts/benchmark.py --only waits``) counts them, and
+    its rows say what the counted steps show."""
+    from benchmarks.waits import bench_waits
+
+    rows = bench_waits(None, torch.device("cpu"), folder=tmp_path)
     accumulation = 2
-    launch_two_processes(
-        SCRIPT,
-        "tokenizer",
-        "--config",
-        str(ROOT / "configs/tokenizer/digits_looc.yaml"),
-        "--output_dir",
-        str(tmp_path / "tok"),
-        "--steps",
-        "4",
-        "train.batch_size=4",
-        "train.mixed_precision=bf16",
-        f"train.gradient_accumulation_steps={accumulation}",
-        "loss.disc_start=0",  # the discriminator's step too
-        "data.validation_size=8",
-    )
-    for reads, collectives in _steps(tmp_path / "tok"):
+    assert [r["notes"].split(" (")[0] for r in rows] == [
+        f"1 read(s), {1 + accumulation} collective(s) per step",
+        "1 read(s), 1 collective(s) per step",
+    ]
+    for reads, collectives in _steps(tmp_path / "tokenizer"):
         assert reads == {"engine/run.py:_agree": 1}
         assert collectives == {
             "engine/run.py:_agree → accelerate/utils/operations.py:_reduce_across_processes": 1,
             # the codebook's usage counts and anchors: one gather per quantizer forward
             "tokenizer/quantizers/distributed.py:sum_counts_and_pick_anchors": accumulation,
         }
-
-    launch_two_processes(
-        SCRIPT,
-        "diffusion",
-        "--config",
-        str(ROOT / "configs/diffusion/digits_cond.yaml"),
-        "--tokenizer",
-        str(tmp_path / "tok" / "tokenizer"),
-        "--output_dir",
-        str(tmp_path / "dif"),
-        "--steps",
-        "4",
-        "train.batch_size=4",
-        "train.mixed_precision=bf16",
-        f"train.gradient_accumulation_steps={accumulation}",
-        "data.validation_size=8",
-    )
-    for reads, collectives in _steps(tmp_path / "dif"):
+    for reads, collectives in _steps(tmp_path / "diffusion"):
         assert reads == {"engine/run.py:_agree": 1}
         assert list(collectives.values()) == [1] and "engine/run.py:_agree" in next(
             iter(collectives)

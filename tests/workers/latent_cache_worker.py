@@ -12,23 +12,15 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate import Accelerator
 
-from diffusion.latent_cache import build_latent_cache
+from diffusion.latent_cache import CacheConfig, build_latent_cache
+from tests.launch import ROOT
 from tokenizer import VQTokenizer
 
-TINY = dict(
-    resolution=16,
-    ch=16,
-    ch_mult=(1, 2),
-    num_res_blocks=1,
-    attn_resolutions=(),
-    z_channels=8,
-    embed_dim=4,
-    norm_groups=4,
-    quantizer="cvq",
-    quantizer_options={"num_codes": 16},
-)
+# the miniature tokenizer: the model section of configs/tokenizer/tiny.yaml, as in tests/conftest.py
+TINY = yaml.safe_load((ROOT / "configs/tokenizer/tiny.yaml").read_text())["model"]
 DATA = {"source": "digits", "resolution": 16, "validation_size": 97}
 
 
@@ -39,7 +31,8 @@ def main(cache_dir: str, report_dir: str) -> None:
     encoded = []
     encode = tokenizer.encode
     tokenizer.encode = lambda x, **kw: encoded.append(len(x)) or encode(x, **kw)
-    cache = build_latent_cache(tokenizer, DATA, cache_dir, shard_size=256, accelerator=accelerator)
+    config = CacheConfig(dir=cache_dir, shard_size=256)
+    cache = build_latent_cache(tokenizer, DATA, config, accelerator=accelerator)
     report = {
         "world_size": accelerator.num_processes,
         "encoded": sum(encoded),

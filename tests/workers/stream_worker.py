@@ -16,7 +16,7 @@ import datasets
 from accelerate import Accelerator
 
 from engine.data import build_dataset
-from engine.streaming import stream_batches
+from engine.loader import stream_batches
 
 datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # an Arrow work-around: 5 s per epoch
 

@@ -563,9 +563,10 @@ def plot_usage(rows: list[Row], path: str | Path) -> None:
     except ImportError:
         return _plot_usage_pil(rows, path)
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for r in rows:
+    for i, r in enumerate(rows):  # the colours repeat after ten rows: dashed from then on
         steps, usage = zip(*r.curve)
-        ax.plot(steps, [100 * u for u in usage], marker=".", label=r.name)
+        style = "-" if i < 10 else "--"
+        ax.plot(steps, [100 * u for u in usage], style, marker=".", label=r.name)
     ax.set(
         xlabel="training step",
         ylabel="codebook usage on validation (%)",

@@ -18,10 +18,6 @@ def world_size() -> int:
     return 1
 
 
-def rank() -> int:
-    return dist.get_rank() if world_size() > 1 else 0
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum of ``tensor`` over all processes (in place, also returned)."""
     if world_size() > 1:

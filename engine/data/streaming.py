@@ -3,18 +3,20 @@
 download or an Arrow conversion of the whole dataset.
 
 - *validation part*: the first ``validation_size`` examples of the stream (an integer), read once
-  into memory; a map-style :class:`~engine.data.ImageDataset` like any other part.
-- *train part*: an :class:`ImageStream`, the rest of the stream. An example whose image bytes
-  (or path) equal those of a held-out one is never trained on, wherever it is in the stream.
-- *batches* (:func:`stream_batches`, the counterpart of :func:`engine.run.seeded_batches`): each
-  process reads its own shards (files) of the stream, ``num_shards / processes`` of them, the
-  same ones every epoch; when the shards do not divide among the processes, each process reads
-  the whole stream and keeps every N-th example (``split_dataset_by_node``'s "examples"
-  strategy). Its examples pass through a shuffle buffer of ``shuffle_buffer_size`` undecoded
-  examples seeded with ``train.seed`` and reshuffled every epoch (``set_epoch``, which also
-  shuffles the order of the shards). Epochs follow each other without a gap: micro-batches run
-  across epoch ends. Images are decoded in the loader workers; the examples are read, in order,
-  in the training process.
+  into memory (:func:`held_out_reader`); a map-style :class:`~engine.data.dataset.ImageDataset`
+  like any other part.
+- *train part*: an :class:`ImageStream` (:func:`build_stream`), the rest of the stream. An
+  example whose image bytes (or path) equal those of a held-out one is never trained on, wherever
+  it is in the stream.
+- *batches* (:func:`engine.loader.stream_batches`, the counterpart of
+  :func:`engine.loader.seeded_batches`): each process reads its own shards (files) of the stream,
+  ``num_shards / processes`` of them, the same ones every epoch; when the shards do not divide
+  among the processes, each process reads the whole stream and keeps every N-th example
+  (``split_dataset_by_node``'s "examples" strategy). Its examples pass through a shuffle buffer
+  of ``shuffle_buffer_size`` undecoded examples seeded with ``train.seed`` and reshuffled every
+  epoch (``set_epoch``, which also shuffles the order of the shards). Epochs follow each other
+  without a gap: micro-batches run across epoch ends. Images are decoded in the loader workers;
+  the examples are read, in order, in the training process.
 - *resuming* at step s continues with exactly the examples an uninterrupted run would have seen:
   each process skips s × accumulation × batch_size examples without decoding them. An epoch of a
   process always holds the same number of examples (its shards are fixed; with shards of unequal
@@ -28,31 +30,28 @@ Detect a stream with ``isinstance(dataset, ImageStream)``.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import IterableDataset
 
-from .config import ConfigError
-from .data import (
-    DataConfig,
+from ..config import ConfigError
+from .readers import (
     DecodeImages,
-    ImageDataset,
-    UnreadableImageError,
-    _Table,
-    _transform,
+    TableReader,
     image_name,
     open_table,
+    skip_unreadable,
     table_columns,
 )
+
+if TYPE_CHECKING:  # annotations only: at run time a stream needs the readers alone
+    from .config import DataConfig
 
 
 def image_digest(value: Any) -> bytes:
@@ -78,7 +77,7 @@ class _NotHeldOut:
         return image_digest(image) not in self.digests
 
 
-class _Decoder:
+class ExampleDecoder:
     """Turns an undecoded example into an item, ``{"pixel_values", "label"}``; an unreadable
     image is named and recorded in ``skipped`` (or raises with ``strict``)."""
 
@@ -95,13 +94,7 @@ class _Decoder:
             return out["image"][0], out["label"][0]
         except Exception as err:  # noqa: BLE001 - any decoder failure means "unreadable"
             name = image_name(self.source, row.get(self.image_column), fallback)
-            if self.strict:
-                raise UnreadableImageError(
-                    f"unreadable image {name} ({err}); remove it from the data or set "
-                    "strict: false to skip unreadable images"
-                ) from err
-            warnings.warn(f"skipping unreadable image {name} ({err})", stacklevel=2)
-            self.skipped.append(name)
+            skip_unreadable(name, err, self.strict, self.skipped)
             return None
 
     def item(self, image: Image.Image, label: int) -> dict[str, torch.Tensor]:
@@ -115,15 +108,15 @@ class ImageStream(IterableDataset):
     """The train part of a streamed source: iterating it yields ``{"pixel_values", "label"}``
     items in stream order, once (an unreadable image is named and skipped, or raises with
     ``strict``; in loader workers each worker takes its shards, as ``datasets`` does). Train on
-    it with :func:`stream_batches`. ``rows`` is the undecoded ``datasets.IterableDataset`` of
-    the part (image and label columns, the held-out examples filtered out), ``held_out`` the
-    size of the validation part before it, ``skipped`` the unreadable images found in this
-    process."""
+    it with :func:`engine.loader.stream_batches`. ``rows`` is the undecoded
+    ``datasets.IterableDataset`` of the part (image and label columns, the held-out examples
+    filtered out), ``held_out`` the size of the validation part before it, ``decoder`` what
+    turns an example into an item, ``skipped`` the unreadable images found in this process."""
 
     def __init__(self, rows: Any, config: DataConfig, transform: Callable, held_out: int) -> None:
         self.rows, self.held_out, self.source = rows, held_out, config.source
         self.buffer_size = config.shuffle_buffer_size
-        self.decoder = _Decoder(config, transform)
+        self.decoder = ExampleDecoder(config, transform)
 
     @property
     def skipped(self) -> list[str]:
@@ -185,58 +178,6 @@ class ImageStream(IterableDataset):
             skip, length, epoch = max(0, skip - count), count, epoch + 1
 
 
-class _BatchDecoder(Dataset):
-    """What the loader's workers run on: a micro-batch of undecoded examples (the loader's
-    "indices") becomes a list of items. An unreadable image is replaced by the next readable
-    one of its batch, so that batches keep their size."""
-
-    def __init__(self, decoder: _Decoder) -> None:
-        self.decoder = decoder
-
-    def __getitem__(self, row: dict) -> dict[str, torch.Tensor]:
-        return self.__getitems__([row])[0]
-
-    def __getitems__(self, rows: list[dict]) -> list[dict[str, torch.Tensor]]:
-        fallback = f"{self.decoder.source} example (an image without a path)"
-        decoded = [self.decoder.decode_row(row, fallback) for row in rows]
-        good = [k for k, d in enumerate(decoded) if d is not None]
-        if not good:
-            raise RuntimeError(
-                f"no readable image in a batch of {len(rows)} examples of {self.decoder.source}"
-            )
-        items = {k: self.decoder.item(*decoded[k]) for k in good}
-        return [items[good[bisect.bisect_left(good, k) % len(good)]] for k in range(len(rows))]
-
-
-def stream_batches(
-    dataset: ImageStream,
-    batch_size: int,
-    accumulation: int,
-    seed: int,
-    num_workers: int,
-    accelerator: Any,
-    start_step: int = 0,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless per-process micro-batches of the stream ``dataset``, as
-    :func:`engine.run.seeded_batches` makes them of a map-style dataset: each process its own
-    part of the stream (see the module docstring), shuffled with ``seed`` and reshuffled every
-    epoch; starting at ``start_step`` skips, undecoded, the start_step × accumulation ×
-    batch_size examples each process had consumed, so a resumed run sees the same data."""
-    if not isinstance(dataset, ImageStream):
-        raise TypeError(f"stream_batches needs an ImageStream, got {type(dataset).__name__}")
-    rank, world = accelerator.process_index, accelerator.num_processes
-    rows = dataset.examples(rank, world, seed, skip=start_step * accumulation * batch_size)
-    loader = DataLoader(
-        _BatchDecoder(dataset.decoder),
-        batch_sampler=iter(lambda: list(islice(rows, batch_size)), None),  # endless
-        num_workers=num_workers,
-        # a private generator: creating a loader must not consume the global RNG stream
-        generator=torch.Generator().manual_seed(seed * 100_003 + start_step),
-        pin_memory=accelerator.device.type == "cuda",
-    )
-    yield from loader
-
-
 _HEADS: dict[tuple, list[dict]] = {}  # the last streams' first examples, read once per process
 
 
@@ -261,8 +202,8 @@ def _head(config: DataConfig, stream: Any) -> list[dict]:
     return _HEADS[key]
 
 
-def build_stream(config: DataConfig, part: str) -> ImageDataset | ImageStream:
-    """The ``part`` of the streamed source of ``config`` (see the module docstring)."""
+def _open_stream(config: DataConfig) -> tuple[Any, list[dict]]:
+    """The undecoded stream of ``config`` (image and label columns) and its first examples."""
     import datasets
 
     stream = table_columns(open_table(config), config.source, config)
@@ -275,16 +216,24 @@ def build_stream(config: DataConfig, part: str) -> ImageDataset | ImageStream:
             f"data config validation_size={size!r} leaves no training images (the stream "
             f"holds {len(head)} images); use a smaller count"
         )
-    if part == "validation":
-        table = datasets.Dataset.from_list(head[:size], features=stream.features)
-        reader = _Table(table, config.source, config)
-        return ImageDataset(
-            reader,
-            np.arange(size),
-            _transform(config, False, False),
-            config.channels,
-            config.strict,
-        )
+    return stream, head
+
+
+def held_out_reader(config: DataConfig) -> TableReader:
+    """The validation part of the streamed source of ``config``: its first ``validation_size``
+    examples, read into memory, as a table."""
+    import datasets
+
+    stream, head = _open_stream(config)
+    table = datasets.Dataset.from_list(head[: config.validation_size], features=stream.features)
+    return TableReader(table, config.source, config)
+
+
+def build_stream(config: DataConfig, transform: Callable) -> ImageStream:
+    """The train part of the streamed source of ``config``, its items made by ``transform``:
+    the examples after the first ``validation_size``, none of them a held-out image."""
+    stream, head = _open_stream(config)
+    size = config.validation_size
     held_out = frozenset(image_digest(row[config.image_column]) for row in head[:size])
     rows = stream.filter(_NotHeldOut(held_out), input_columns=[config.image_column])
-    return ImageStream(rows, config, _transform(config, True, False), size)
+    return ImageStream(rows, config, transform, size)

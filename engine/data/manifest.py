@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError
+from ..config import ConfigError
 
 FORMAT = 1
 CACHE_ENV = "NEVERCOLLAPSE_DATA_CACHE"
