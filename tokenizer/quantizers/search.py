@@ -154,6 +154,12 @@ def triton_kernels():
         return None
 
 
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the search of ``x`` runs the Triton kernels by default: on CUDA, where Triton
+    is installed."""
+    return x.is_cuda and triton_kernels() is not None
+
+
 @torch.no_grad()
 def search_and_anchor(
     x: torch.Tensor,
@@ -179,7 +185,7 @@ def search_and_anchor(
     if anchor not in ANCHORED:
         raise ValueError(f"anchor must be one of {ANCHORED}, got {anchor!r}")
     if kernel is None:
-        kernel = "triton" if x.is_cuda and triton_kernels() is not None else "torch"
+        kernel = "triton" if use_triton(x) else "torch"
     if kernel == "triton":
         with _exact_float32(x.device):
             return Search(
